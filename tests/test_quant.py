@@ -1,0 +1,132 @@
+"""quant.py against bitsandbytes, transformers and peft as independent references."""
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbf
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+import model as M
+import quant as Q
+
+TINY = dict(vocab_size=97, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**TINY, tie_word_embeddings=False)).save_pretrained(
+        tmp_path / "m", safe_serialization=True, max_shard_size="200KB")
+    return tmp_path / "m"
+
+
+def test_nf4_linear_equals_bitsandbytes_linear4bit_and_stays_within_nf4_bound():
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(256, 192, bias=False)
+    ref = bnb.nn.Linear4bit(256, 192, bias=False, compute_dtype=torch.float32, compress_statistics=True,
+                            quant_type="nf4")
+    ref.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                   compress_statistics=True, blocksize=64)
+    ref = ref.to("cpu")  # quantizes on the move
+    ref.train()  # train mode: no CPU repacking (see the trap test below)
+    ours = Q.NF4Linear(dense.weight.data, torch.float32)
+    x = torch.randn(5, 256)
+    assert (ours(x) - ref(x)).abs().max().item() <= 1e-5
+    # NF4 rounds each weight to the nearest of 16 levels times its block's absmax. The widest gap
+    # between adjacent NF4 levels is -0.6962 - (-1) = 0.3038, so the rounding error is at most
+    # 0.1519 * absmax; double quant stores absmax in 8 bits (about 1% more). Bound: 0.16 * absmax.
+    w = dense.weight.data
+    err = (ours.dequantize() - w).abs().reshape(-1, 64)
+    absmax = w.abs().reshape(-1, 64).max(-1, keepdim=True).values
+    assert (err <= 0.16 * absmax).all()
+    assert bnbf.get_4bit_type("nf4", device="cpu").diff().max().item() == pytest.approx(0.3038, abs=1e-3)
+    assert err.max() > 0  # it is really quantized
+
+
+def test_gradients_reach_the_input_after_an_eval_pass():
+    """The AVX512-BF16 trap: bnb.nn.Linear4bit in eval mode repacks its weight on such CPUs and
+    a later backward gives no input gradient. Ours must give the same gradient as dequant + matmul."""
+    torch.manual_seed(0)
+    layer = Q.LoRALinear(Q.NF4Linear(torch.randn(64, 128), torch.float32), r=4, alpha=8)
+    layer.eval()
+    with torch.no_grad():
+        layer(torch.randn(3, 128))
+    layer.train()
+    x = torch.randn(3, 128, requires_grad=True)
+    layer(x).sum().backward()
+    W = layer.base.dequantize() + layer.delta()
+    x2 = x.detach().clone().requires_grad_(True)
+    (x2 @ W.t()).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert torch.allclose(x.grad, x2.grad, atol=1e-5)
+
+
+def test_lora_with_zero_b_equals_base_and_training_moves_only_a_and_b(tiny_dir):
+    base = Q.quantize_model(tiny_dir)
+    idx = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        want = base(idx)
+    q_before = {n: b.clone() for n, b in base.named_buffers() if n.endswith("qweight")}
+    other_before = {n: p.clone() for n, p in base.named_parameters()}
+    Q.add_lora(base, Q.LoRAConfig(r=4, alpha=8))
+    with torch.no_grad():
+        assert torch.equal(base(idx), want)
+    params = Q.lora_params(base)
+    assert {n for n, p in base.named_parameters() if p.requires_grad} == set(params)
+    a_before = {n: p.clone() for n, p in params.items()}
+    opt = torch.optim.AdamW(params.values(), lr=1e-2)
+    base.train()
+    for _ in range(3):
+        torch.nn.functional.cross_entropy(base(idx)[:, :-1].flatten(0, 1), idx[:, 1:].flatten()).backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(not torch.equal(p, a_before[n]) for n, p in params.items())
+    for n, b in base.named_buffers():
+        if n.endswith("qweight"):
+            assert torch.equal(b, q_before[n.replace(".base.", ".")])
+    for n, p in base.named_parameters():
+        if n not in params:
+            assert torch.equal(p, other_before[n.replace(".base.", ".")])
+
+
+def random_lora(m, cfg, seed=1):
+    Q.add_lora(m, cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in Q.lora_params(m).values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return m
+
+
+def test_merged_checkpoint_and_peft_adapter_give_our_logits(tiny_dir, tmp_path):
+    from peft import PeftModel
+    cfg = Q.LoRAConfig(r=4, alpha=16)
+    ours = random_lora(M.load_model(tiny_dir), cfg)  # full-precision base + LoRA
+    idx = torch.randint(0, 97, (2, 11))
+    with torch.no_grad():
+        want = ours(idx)
+    Q.merge_lora(tiny_dir, ours, tmp_path / "merged")
+    assert (tmp_path / "merged" / "model.safetensors.index.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (merged(idx).logits - want).abs().max().item() <= 1e-4
+    Q.save_adapter(ours, cfg, tmp_path / "adapter", base_path=tiny_dir)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_dir, torch_dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert (peft_model(input_ids=idx).logits - want).abs().max().item() <= 1e-4
+    # and our loader reads the file back to the same logits
+    again = Q.add_lora(M.load_model(tiny_dir), cfg)
+    Q.load_adapter(again, tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.allclose(again(idx), want, atol=1e-6)
+
+
+def test_embedded_smollm2_in_nf4_still_answers_paris(smollm2_dir):
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    m = Q.quantize_model(smollm2_dir)
+    assert Q.weight_bytes(m) < 0.5 * sum(p.numel() * 4 for p in M.load_model(smollm2_dir).parameters())
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True)
+    out = M.generate(m, [ids], 24, temperature=0, stop_ids=[tok.eos_token_id])
+    assert "Paris" in tok.decode(out[0], skip_special_tokens=True)
