@@ -488,13 +488,17 @@ def sample_next(logits, temperature=1.0, top_p=1.0, top_k=0, generator=None):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = logits.softmax(-1)
-    if top_p < 1.0:
+    if top_p >= 1.0:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # The nucleus of an LM's distribution is nearly always within its top 64 tokens: sorting only
+    # those is exact whenever they reach top_p, and the full sort is the fallback.
+    sorted_p, order = probs.topk(min(64, probs.shape[-1]), dim=-1)
+    if bool((sorted_p.sum(-1) < top_p).any()):
         sorted_p, order = probs.sort(-1, descending=True)
-        # Drop a token when the tokens strictly above it already reach top_p (keeps >= 1).
-        drop = sorted_p.cumsum(-1) - sorted_p >= top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # Drop a token when the tokens strictly above it already reach top_p (keeps >= 1).
+    sorted_p = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p >= top_p, 0.0)
+    choice = torch.multinomial(sorted_p, 1, generator=generator)
+    return order.gather(-1, choice).squeeze(-1)
 
 
 @torch.no_grad()

@@ -1,0 +1,513 @@
+"""sppo.py: Self-Play Preference Optimization (arXiv 2405.00675), the whole loop.
+
+For each iteration t, starting from pi_0 = the base model:
+  generate  K responses per prompt from pi_t                      -> iter<t>/responses.jsonl
+  judge     a K x K preference matrix P per prompt                -> iter<t>/judgments.jsonl
+  pairs     chosen/rejected + win probabilities, and the
+            reference log-probs log pi_t(y|x) (frozen weights)    -> iter<t>/pairs.jsonl
+  train     LoRA on an NF4 copy of pi_t with the SPPO loss         -> iter<t>/adapter/
+  merge     pi_{t+1} = pi_t + (alpha/r) B A, a full HF checkpoint  -> iter<t>/model/
+  evaluate  win rate of pi_{t+1} against pi_0 on held-out prompts  -> iter<t>/eval.json, metrics.jsonl
+
+Every stage reads and writes named files under runs/<name>/, each written atomically; a stage
+whose output exists is skipped, so running the same command again resumes where it stopped.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import judge as judges
+import model as M
+import quant
+
+HERE = Path(__file__).resolve().parent
+
+
+# ----------------------------------------------------------------------------- settings
+
+def opt(default, help, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Settings:
+    # what to train, on what
+    model: str = opt("", "base model: a local Hugging Face folder (Llama/Mistral). Default: the embedded SmolLM2-135M-Instruct")
+    prompts: str = opt(str(HERE / "prompts/train.jsonl"), "training prompt pool (JSONL/JSON/Parquet with `prompt` or `messages`)")
+    heldout: str = opt(str(HERE / "prompts/heldout.jsonl"), "held-out prompts for the win-rate evaluation")
+    name: str = opt("default", "run name: everything goes under runs/<name>/")
+    runs_dir: str = opt(str(HERE / "runs"), "folder holding the runs")
+    iters: int = opt(3, "SPPO iterations; the pool is split into this many disjoint parts, one per iteration")
+    prompts_per_iter: int = opt(96, "prompts used per iteration (from its part of the pool); 0 = the whole part")
+    eval_prompts: int = opt(100, "held-out prompts used for evaluation; 0 = all")
+    seed: int = opt(0, "seed for the prompt split, LoRA init and data order")
+    # 1. generation (the paper: K=5, temperature 0.7, top-p 0.9, seeds 0, 50, ..., 200)
+    k: int = opt(5, "responses sampled per prompt (K)")
+    temperature: float = opt(0.7, "sampling temperature")
+    top_p: float = opt(0.9, "nucleus sampling top-p")
+    top_k: int = opt(0, "top-k sampling (0 = off)")
+    max_new_tokens: int = opt(96, "max new tokens per response (the paper used 2048)")
+    gen_batch: int = opt(16, "prompts per generation batch (also the resume chunk)")
+    backend: str = opt("builtin", "sampler: builtin (our KV-cache sampler) or vllm (GPU extra)", choices=["builtin", "vllm"])
+    vllm_memory: float = opt(0.85, "fraction of GPU memory the vLLM sampler may take")
+    # 2. judging
+    judge: str = opt("verifiable", "judge: verifiable (machine-checkable constraints), pairrm (llm-blender), llm (a local LM)",
+                     choices=["verifiable", "pairrm", "llm"])
+    pairrm_dir: str = opt("", "local folder of llm-blender/PairRM (for --judge pairrm)")
+    pairrm_mode: str = opt("scores", "PairRM mode: scores (the paper's) or pairwise", choices=["scores", "pairwise"])
+    judge_model: str = opt("", "local HF folder of the judging LM (for --judge llm)")
+    judge_batch: int = opt(16, "judge batch size")
+    tau: float = opt(0.1, "verifiable judge temperature: P = sigmoid((r_i - r_j) / tau)")
+    # 3-4. the update
+    loss: str = opt("sppo", "loss: sppo (the paper's), sppo_single, dpo, ipo", choices=["sppo", "sppo_single", "dpo", "ipo"])
+    eta: float = opt(10.0, "SPPO eta = 1/beta: log-ratio target is eta * (P_win - 1/2). The paper: 1000 for full fine-tuning")
+    beta: float = opt(0.1, "DPO/IPO beta")
+    lr: float = opt(2e-4, "learning rate (LoRA params; the paper's 5e-7 was for full fine-tuning)")
+    epochs: int = opt(2, "epochs over each iteration's pairs")
+    batch_size: int = opt(8, "pairs per micro-batch")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    warmup: float = opt(0.1, "fraction of steps with linear warm-up (then linear decay)")
+    clip: float = opt(1.0, "gradient-norm clipping")
+    max_len: int = opt(256, "max tokens of prompt + response in training")
+    max_prompt_len: int = opt(160, "max prompt tokens in training (the prompt's end is kept)")
+    lora_r: int = opt(16, "LoRA rank")
+    lora_alpha: float = opt(32.0, "LoRA alpha (scale alpha/r)")
+    lora_dropout: float = opt(0.0, "LoRA dropout")
+    lora_targets: str = opt("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "comma-separated linear layers to adapt")
+    quant_type: str = opt("nf4", "4-bit type of the frozen base during training", choices=["nf4", "fp4"])
+    grad_ckpt: bool = opt(False, "gradient checkpointing per block (saves activation memory)")
+    ckpt_every: int = opt(10, "optimizer steps between training checkpoints (resume points)")
+    # hardware
+    device: str = opt("", "cpu or cuda[:i]; default cuda when available")
+    merged_dtype: str = opt("float32", "dtype of the merged checkpoints", choices=["float32", "bfloat16", "float16"])
+
+    # Settings that change no artifact: a run may be resumed with other values.
+    HARMLESS = ("name", "runs_dir", "device", "judge_batch", "vllm_memory")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Settings):
+        kw = {"choices": f.metadata["choices"]} if "choices" in f.metadata else {}
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool" or f.type is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__)
+            p.add_argument(flag, type=typ, default=f.default, help=f.metadata["help"], **kw)
+    return Settings(**vars(p.parse_args(argv)))
+
+
+def crash_point(stage):
+    """Test hook: SPPO_CRASH_AT=<stage>:<n> SIGKILLs this process the n-th time `stage` has
+    just written a resume point, so tests can prove a killed run resumes to the same result."""
+    want = os.environ.get("SPPO_CRASH_AT", "")
+    if want.partition(":")[0] != stage:
+        return
+    crash_point.seen[stage] = crash_point.seen.get(stage, 0) + 1
+    if crash_point.seen[stage] == int(want.partition(":")[2] or 1):
+        os.kill(os.getpid(), 9)
+
+
+crash_point.seen = {}
+
+
+def device_of(s):
+    return torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def compute_dtype(dev):
+    return torch.bfloat16 if dev.type == "cuda" else torch.float32
+
+
+def messages_of(row):
+    return row.get("messages") or [{"role": "user", "content": row["prompt"]}]
+
+
+# ----------------------------------------------------------------------------- 1. generate
+
+def sample(s, policy_dir, tok, rows, out_path, seeds, greedy=False, desc="generate"):
+    """K samples per prompt (seed seeds[k] for the k-th, as the reference's K vLLM passes),
+    in chunks of gen_batch prompts appended as they finish: a killed run resumes at the first
+    unfinished chunk, and the same chunk always gets the same seeds, so nothing changes."""
+    if out_path.exists():
+        return data.read_jsonl(out_path)
+    part = out_path.with_suffix(".partial.jsonl")
+    done = data.done_ids(part)
+    todo = [r for r in rows if r["id"] not in done]
+    if todo:
+        temperature = 0.0 if greedy else s.temperature
+        if s.backend == "vllm":  # one child process for the whole stage: loading vLLM is slow
+            import vllm_backend
+            every = vllm_backend.generate(policy_dir, [tok.encode_chat(messages_of(r)) for r in todo], s.max_new_tokens,
+                                          temperature, s.top_p, s.top_k, tok.stop_ids, seeds,
+                                          memory=s.vllm_memory)
+            at = {r["id"]: i for i, r in enumerate(todo)}
+        else:
+            dev = device_of(s)
+            policy = M.load_model(policy_dir, compute_dtype(dev), dev)
+        chunks = [rows[i:i + s.gen_batch] for i in range(0, len(rows), s.gen_batch)]
+        bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc=desc, unit="prompt")
+        for c, chunk in enumerate(chunks):
+            if all(r["id"] in done for r in chunk):
+                continue
+            ids = [tok.encode_chat(messages_of(r)) for r in chunk]
+            if s.backend == "vllm":
+                outs = [[o[at[r["id"]]] for r in chunk] for o in every]
+            else:
+                outs = [M.generate(policy, ids, s.max_new_tokens, temperature, s.top_p, s.top_k, tok.stop_ids,
+                                   seed=seed * 1000 + c, pad_id=tok.pad_id) for seed in seeds]
+            lines = []
+            for i, r in enumerate(chunk):
+                resp = [o[i] for o in outs]
+                finished = [bool(x) and x[-1] in tok.stop_ids for x in resp]
+                body = [x[:-1] if f else x for x, f in zip(resp, finished)]
+                lines.append({"id": r["id"], "prompt_ids": ids[i], "responses": [tok.decode(b) for b in body],
+                              "response_ids": body, "finished": finished})
+            data.append_jsonl(part, lines)
+            crash_point("generate")
+            bar.update(len(chunk))
+        bar.close()
+    got = {r["id"]: r for r in data.read_jsonl_tolerant(part)}
+    out = [got[r["id"]] for r in rows]
+    data.write_jsonl(out_path, out)
+    part.unlink(missing_ok=True)
+    return out
+
+
+# ----------------------------------------------------------------------------- 2. judge
+
+def make_judge(s, tok):
+    if s.judge == "verifiable":
+        return judges.make_judge("verifiable", tau=s.tau)
+    if s.judge == "pairrm":
+        if not s.pairrm_dir:
+            sys.exit("error: --judge pairrm needs --pairrm-dir (a local copy of llm-blender/PairRM; see README)")
+        return judges.make_judge("pairrm", ranker_dir=s.pairrm_dir, mode=s.pairrm_mode, batch_size=s.judge_batch,
+                                 device=str(device_of(s)))
+    if not s.judge_model:
+        sys.exit("error: --judge llm needs --judge-model (a local HF folder)")
+    dev = device_of(s)
+    jm = M.load_model(s.judge_model, compute_dtype(dev), dev)
+    return judges.make_judge("llm", model=jm, tokenizer=data.Tokenizer.from_dir(s.judge_model), batch_size=s.judge_batch)
+
+
+def judge_responses(s, judge, tok, rows, responses, out_path):
+    """P matrices, one per prompt. The prompt shown to PairRM is chat-rendered, as in the reference."""
+    if out_path.exists():
+        return data.read_jsonl(out_path)
+    out = []
+    for i in tqdm(range(0, len(rows), s.judge_batch), desc="judge", unit="batch"):
+        rb, gb = rows[i:i + s.judge_batch], responses[i:i + s.judge_batch]
+        Ps = judge([tok.render_chat(messages_of(r)) for r in rb], [g["responses"] for g in gb], rb)
+        out += [{"id": r["id"], "P": np.asarray(P).tolist()} for r, P in zip(rb, Ps)]
+    data.write_jsonl(out_path, out)
+    return out
+
+
+# ----------------------------------------------------------------------------- 3. pairs + reference
+
+def pair_tensors(pairs, s, pad_id, device):
+    """Right-padded [chosen..., rejected...] sequences and masks of their response tokens.
+
+    Right padding needs no attention mask: with causal attention no real token sees a pad.
+    Too-long prompts keep their end (the instruction's last words and the assistant header).
+    """
+    seqs, masks = [], []
+    for key in ("chosen_ids", "rejected_ids"):
+        for p in pairs:
+            prompt = p["prompt_ids"][-s.max_prompt_len:]
+            resp = p[key][:max(1, s.max_len - len(prompt))]
+            seqs.append(prompt + resp)
+            masks.append([0] * len(prompt) + [1] * len(resp))
+    T = max(map(len, seqs))
+    ids = torch.tensor([x + [pad_id] * (T - len(x)) for x in seqs], device=device)
+    mask = torch.tensor([m + [0] * (T - len(m)) for m in masks], device=device, dtype=torch.bool)
+    return ids, mask
+
+
+def sequence_logps(model, ids, resp_mask):
+    """sum_t log pi(y_t | x, y_<t) over each row's response tokens (prompt tokens masked)."""
+    logits = model(ids)[:, :-1].float()
+    logp = -F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    return (logp * resp_mask[:, 1:]).sum(-1)
+
+
+def with_eos(tokens, finished, eos):
+    """A finished response is scored with its stop token, so training also teaches to stop."""
+    return tokens + [eos] if finished else tokens
+
+
+def make_pairs(s, tok, policy_dir, responses, judgments, out_path):
+    """Pairs as the reference builds them, each stored with log pi_t of chosen and rejected.
+
+    The reference model is the frozen NF4 pi_t that training starts from (adapter off), so
+    the log-ratio is exactly 0 at step 0. It is computed once, here, before any training."""
+    if out_path.exists():
+        return data.read_jsonl(out_path)
+    by_id = {g["id"]: g for g in responses}
+    rows = [dict(by_id[j["id"]], P=j["P"], prompt=by_id[j["id"]]["prompt_ids"]) for j in judgments]
+    pairs, stats = data.build_pairs(rows)
+    for p in pairs:
+        g = by_id[p["id"]]
+        w, l = p["chosen_idx"], p["rejected_idx"]
+        p["prompt_ids"] = g["prompt_ids"]
+        p["chosen_ids"] = with_eos(g["response_ids"][w], g["finished"][w], tok.eos_id)
+        p["rejected_ids"] = with_eos(g["response_ids"][l], g["finished"][l], tok.eos_id)
+        p.pop("prompt")
+    dev = device_of(s)
+    base = quant.quantize_model(policy_dir, compute_dtype(dev), dev, quant_type=s.quant_type)
+    with torch.no_grad():
+        for i in tqdm(range(0, len(pairs), s.batch_size), desc="reference log-probs", unit="batch"):
+            batch = pairs[i:i + s.batch_size]
+            ids, mask = pair_tensors(batch, s, tok.pad_id, dev)
+            lp = sequence_logps(base, ids, mask).tolist()
+            for j, p in enumerate(batch):
+                p["ref_chosen_logp"], p["ref_rejected_logp"] = lp[j], lp[len(batch) + j]
+    data.write_jsonl(out_path, pairs)
+    print(f"  pairs: {len(pairs)} from {len(rows)} prompts; no pair: {stats}")
+    return pairs
+
+
+# ----------------------------------------------------------------------------- 4. the SPPO update
+
+def preference_loss(kind, logp_w, logp_l, ref_w, ref_l, p_win, p_lose, p_wl, eta, beta):
+    """Per-pair losses. logr = log pi_theta(y|x) - log pi_t(y|x).
+
+    sppo:        the paper's eq. (4.2) on both responses, with p_hat = estimated win rates
+                 ((logr_w - eta (p_win - 1/2))^2 + (logr_l - eta (p_lose - 1/2))^2) / 2
+    sppo_single: the same with the pair's own P(y_w > y_l) for both (the reference's variant)
+    dpo, ipo:    the baselines the paper compares with.
+    """
+    logr_w, logr_l = logp_w - ref_w, logp_l - ref_l
+    if kind == "sppo":
+        return ((logr_w - eta * (p_win - 0.5)) ** 2 + (logr_l - eta * (p_lose - 0.5)) ** 2) / 2
+    if kind == "sppo_single":
+        return ((logr_w - eta * (p_wl - 0.5)) ** 2 + (logr_l + eta * (p_wl - 0.5)) ** 2) / 2
+    if kind == "dpo":
+        return -F.logsigmoid(beta * (logr_w - logr_l))
+    if kind == "ipo":
+        return (logr_w - logr_l - 1 / (2 * beta)) ** 2
+    raise ValueError(f"unknown loss {kind!r}")
+
+
+def train_step(model, batch, s, pad_id, dev):
+    """One micro-batch: policy log-probs of chosen and rejected in one forward, then the loss."""
+    ids, mask = pair_tensors(batch, s, pad_id, dev)
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        logps = sequence_logps(model, ids, mask)
+    n = len(batch)
+    f = lambda key: torch.tensor([p[key] for p in batch], device=dev, dtype=torch.float32)
+    losses = preference_loss(s.loss, logps[:n], logps[n:], f("ref_chosen_logp"), f("ref_rejected_logp"),
+                             f("chosen_probs_win"), f("chosen_probs_lose"), f("chosen_probs"), s.eta, s.beta)
+    return losses.mean()
+
+
+def lora_config(s):
+    return quant.LoRAConfig(r=s.lora_r, alpha=s.lora_alpha, dropout=s.lora_dropout,
+                            targets=tuple(s.lora_targets.split(",")))
+
+
+def train(s, tok, policy_dir, pairs, work_dir, adapter_dir):
+    """LoRA on an NF4 copy of pi_t. Resumes from work_dir/ckpt.pt (written atomically)."""
+    if (adapter_dir / "adapter_config.json").exists():
+        return data.read_jsonl(work_dir / "losses.jsonl") if (work_dir / "losses.jsonl").exists() else []
+    if not pairs:
+        raise SystemExit(f"error: {work_dir.parent}/pairs.jsonl has no pairs: nothing to train on")
+    dev = device_of(s)
+    torch.manual_seed(s.seed)
+    model = quant.quantize_model(policy_dir, compute_dtype(dev), dev, quant_type=s.quant_type)
+    quant.add_lora(model, lora_config(s))
+    if s.grad_ckpt:
+        quant.enable_checkpointing(model)
+    params = list(quant.lora_params(model).values())
+    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
+    per_epoch = math.ceil(len(pairs) / s.batch_size)
+    total = math.ceil(per_epoch * s.epochs / s.grad_accum)
+    warm = max(1, int(s.warmup * total))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min((i + 1) / warm, max(0.0, (total - i) / max(1, total - warm))))
+    step, log = 0, []
+    ckpt = work_dir / "ckpt.pt"
+    if ckpt.exists():
+        st = torch.load(ckpt, map_location=dev)
+        with torch.no_grad():
+            for p, v in zip(params, st["lora"]):
+                p.copy_(v)
+        opt.load_state_dict(st["opt"])
+        sched.load_state_dict(st["sched"])
+        step, log = st["step"], st["log"]
+    # The order of micro-batches is a pure function of (seed, epoch): a resumed run replays it.
+    order = []
+    for e in range(s.epochs):
+        perm = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(s.seed * 1000 + e)).tolist()
+        order += [perm[i:i + s.batch_size] for i in range(0, len(perm), s.batch_size)]
+    model.train()
+    bar = tqdm(total=total, initial=step, desc="train", unit="step")
+    while step < total:
+        micro = order[step * s.grad_accum:(step + 1) * s.grad_accum]
+        loss_sum = 0.0
+        for mb in micro:
+            loss = train_step(model, [pairs[i] for i in mb], s, tok.pad_id, dev)
+            if not torch.isfinite(loss):
+                raise SystemExit(f"error: training loss is {loss.item()} at step {step} (iteration folder "
+                                 f"{work_dir.parent}); the last good checkpoint {ckpt} is kept. Lower --lr or --eta.")
+            (loss / len(micro)).backward()
+            loss_sum += loss.item() / len(micro)
+        torch.nn.utils.clip_grad_norm_(params, s.clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        log.append({"step": step, "loss": loss_sum, "lr": sched.get_last_lr()[0]})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_sum:.4f}")
+        if step % s.ckpt_every == 0 or step == total:
+            save_atomic(ckpt, {"lora": [p.detach().cpu() for p in params], "opt": opt.state_dict(),
+                               "sched": sched.state_dict(), "step": step, "log": log})
+            crash_point("train")
+    bar.close()
+    data.write_jsonl(work_dir / "losses.jsonl", log)
+    quant.save_adapter(model, lora_config(s), adapter_dir, base_path=str(policy_dir))
+    return log
+
+
+def save_atomic(path, obj):
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- 5. merge
+
+def merge(s, policy_dir, adapter_dir, out_dir):
+    """pi_{t+1}: the adapter folded into pi_t's full-precision weights read from disk."""
+    if (out_dir / "config.json").exists():
+        return out_dir
+    with torch.device("meta"):
+        skeleton = M.Transformer(M.Config.from_hf(policy_dir))
+    quant.add_lora(skeleton, lora_config(s))
+    quant.load_adapter(skeleton, adapter_dir)
+    quant.merge_lora(policy_dir, skeleton, out_dir, dtype=getattr(torch, s.merged_dtype))
+    return out_dir
+
+
+# ----------------------------------------------------------------------------- 6. evaluate
+
+def mean_ci(x):
+    """Mean and the half-width of its normal-approximation 95% interval."""
+    x = np.asarray(x, dtype=float)
+    return float(x.mean()), float(1.96 * x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
+
+
+def evaluate(s, t, judge, tok, heldout, base_answers, new_answers, out_path, loss):
+    """Win rate of pi_{t+1} over pi_0 on held-out prompts: each pair judged in both orders
+    (to cancel position bias) and averaged; with the verifiable judge also both models'
+    constraint-satisfaction rates and their paired difference."""
+    if out_path.exists():
+        return json.loads(out_path.read_text())
+    prompts = [tok.render_chat(messages_of(r)) for r in heldout]
+    new = [a["responses"][0] for a in new_answers]
+    old = [a["responses"][0] for a in base_answers]
+    p1 = judge(prompts, [[a, b] for a, b in zip(new, old)], heldout)
+    p2 = judge(prompts, [[b, a] for a, b in zip(new, old)], heldout)
+    wins = [(P[0][1] + Q[1][0]) / 2 for P, Q in zip(p1, p2)]
+    res = {"iter": t, "win_rate": mean_ci(wins), "n_eval": len(wins), "train_loss": loss}
+    if s.judge == "verifiable":
+        sat_new = [judges.satisfaction(a, r["checks"]) for a, r in zip(new, heldout)]
+        sat_old = [judges.satisfaction(a, r["checks"]) for a, r in zip(old, heldout)]
+        res["sat_base"], res["sat_new"] = mean_ci(sat_old), mean_ci(sat_new)
+        res["sat_gain"] = mean_ci(np.subtract(sat_new, sat_old))
+    data.write_json(out_path, res)
+    return res
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def check_settings(s, run):
+    """Refuse to mix artifacts made with different settings in one run folder."""
+    mine = {k: v for k, v in dataclasses.asdict(s).items() if k not in Settings.HARMLESS}
+    f = run / "settings.json"
+    if f.exists():
+        old = json.loads(f.read_text())
+        for k, v in mine.items():
+            if k in old and old[k] != v:
+                raise SystemExit(f"error: {f}: this run was made with {k}={old[k]!r}, not {v!r}; "
+                                 f"use another --name or the same setting")
+    data.write_json(f, mine)
+
+
+def split_prompts(s, rows):
+    """The pool shuffled once (seeded) and cut into `iters` disjoint parts, one per iteration."""
+    rows = list(rows)
+    random.Random(s.seed).shuffle(rows)
+    parts = [rows[i::s.iters] for i in range(s.iters)]
+    return [p[:s.prompts_per_iter] if s.prompts_per_iter else p for p in parts]
+
+
+def run(s):
+    t0 = time.time()
+    run_dir = Path(s.runs_dir) / s.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    check_settings(s, run_dir)
+    base_dir = Path(s.model) if s.model else M.embedded_model_dir()
+    tok = data.Tokenizer.from_dir(base_dir)
+    pool, stats = data.load_prompts(s.prompts)
+    heldout, _ = data.load_prompts(s.heldout)
+    heldout = heldout[:s.eval_prompts] if s.eval_prompts else heldout
+    parts = split_prompts(s, pool)
+    print(f"sppo: model {base_dir}, {len(pool)} prompts ({stats}), {s.iters} iterations x {len(parts[0])} prompts, "
+          f"K={s.k}, judge {s.judge}, loss {s.loss}; run folder {run_dir}")
+    judge = make_judge(s, tok)
+    seeds = [50 * k for k in range(s.k)]  # 0, 50, 100, 150, 200 as in the reference
+    base_answers = sample(s, base_dir, tok, heldout, run_dir / "eval_base.jsonl", [0], greedy=True, desc="eval pi_0")
+    policy, table = base_dir, []
+    for t in range(s.iters):
+        it = run_dir / f"iter{t}"
+        it.mkdir(exist_ok=True)
+        print(f"== iteration {t}: policy {policy}")
+        responses = sample(s, policy, tok, parts[t], it / "responses.jsonl", seeds)
+        judgments = judge_responses(s, judge, tok, parts[t], responses, it / "judgments.jsonl")
+        pairs = make_pairs(s, tok, policy, responses, judgments, it / "pairs.jsonl")
+        (it / "train").mkdir(exist_ok=True)
+        log = train(s, tok, policy, pairs, it / "train", it / "adapter")
+        new = merge(s, policy, it / "adapter", it / "model")
+        answers = sample(s, new, tok, heldout, it / "eval_answers.jsonl", [0], greedy=True, desc="eval pi_%d" % (t + 1))
+        loss = float(np.mean([r["loss"] for r in log[-max(1, len(log) // 4):]])) if log else float("nan")
+        res = evaluate(s, t, judge, tok, heldout, base_answers, answers, it / "eval.json", loss)
+        table.append(res)
+        data.write_jsonl(run_dir / "metrics.jsonl", table)
+        policy = new
+    print_table(table, time.time() - t0)
+    return table
+
+
+def print_table(table, seconds):
+    print(f"\n| iter | win rate vs pi_0 (95% CI) | train loss | held-out satisfaction: base -> new (gain, 95% CI) |")
+    print("|---|---|---|---|")
+    for r in table:
+        wr, ci = r["win_rate"]
+        sat = ""
+        if "sat_new" in r:
+            sat = f"{r['sat_base'][0]:.3f} -> {r['sat_new'][0]:.3f} ({r['sat_gain'][0]:+.3f} +/- {r['sat_gain'][1]:.3f})"
+        print(f"| {r['iter'] + 1} | {wr:.3f} +/- {ci:.3f} | {r['train_loss']:.4f} | {sat} |")
+    print(f"wall time {seconds / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    try:
+        run(parse_args())
+    except (data.DataError, M.ModelError) as e:
+        sys.exit(f"error: {e}")

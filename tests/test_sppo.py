@@ -1,0 +1,209 @@
+"""The SPPO update and the loop: closed-form math, game theory, and end-to-end runs."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import sppo
+from tiny import make_tiny_chat_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def T(x):
+    return torch.tensor([float(x)], requires_grad=True)
+
+
+# ----------------------------------------------------------------------------- losses
+
+def test_each_loss_equals_hand_computed_value():
+    # logr_w = -10 - (-12) = 2, logr_l = -20 - (-19) = -1; eta = 5, beta = 0.5
+    args = lambda: (T(-10), T(-20), T(-12), T(-19), T(0.8), T(0.3), T(0.9))
+    f = lambda kind: sppo.preference_loss(kind, *args(), eta=5.0, beta=0.5).item()
+    # sppo: ((2 - 5*0.3)^2 + (-1 - 5*(-0.2))^2) / 2 = (0.25 + 0) / 2
+    assert f("sppo") == pytest.approx(0.125)
+    # sppo_single: ((2 - 5*0.4)^2 + (-1 + 5*0.4)^2) / 2 = (0 + 1) / 2
+    assert f("sppo_single") == pytest.approx(0.5)
+    # dpo: -log sigmoid(0.5 * (2 - (-1))) = log(1 + e^-1.5)
+    assert f("dpo") == pytest.approx(math.log1p(math.exp(-1.5)))
+    # ipo: (2 - (-1) - 1/(2*0.5))^2 = 2^2
+    assert f("ipo") == pytest.approx(4.0)
+
+
+def test_sppo_gradient_is_zero_when_log_ratio_hits_its_target():
+    eta, p_win, p_lose = 7.0, 0.85, 0.2
+    logp_w, logp_l = T(-3 + eta * (p_win - 0.5)), T(-4 + eta * (p_lose - 0.5))
+    loss = sppo.preference_loss("sppo", logp_w, logp_l, T(-3), T(-4), T(p_win), T(p_lose), T(0.9), eta, 0.1)
+    loss.backward()
+    assert loss.item() == pytest.approx(0.0, abs=1e-12)
+    assert logp_w.grad.abs().item() < 1e-6 and logp_l.grad.abs().item() < 1e-6
+    # and away from the target the gradient is not zero (the check above can fail)
+    logp_w2 = T(-3)
+    sppo.preference_loss("sppo", logp_w2, T(-4), T(-3), T(-4), T(p_win), T(p_lose), T(0.9), eta, 0.1).backward()
+    assert logp_w2.grad.abs().item() > 1.0
+
+
+def test_tabular_sppo_average_policy_converges_to_von_neumann_winner():
+    """The paper's theorem on a rock-paper-scissors-like game, with the project's own loss.
+
+    P[i][j] = 1/2 + A[i][j] with A antisymmetric [[0, a, -b], [-a, 0, c], [b, -c, 0]]: every
+    response beats one and loses to another (intransitive). The game's von Neumann winner,
+    pi with pi^T A >= 0, is (c, b, a) / (a + b + c) in closed form (A (c, b, a)^T = 0).
+    Each SPPO iteration fits a tabular policy to the exact targets eta (P(y > pi_t) - 1/2)
+    by minimising sppo.preference_loss; the average of the iterates must reach the winner.
+    """
+    a, b, c = 0.4, 0.2, 0.1
+    A = torch.tensor([[0, a, -b], [-a, 0, c], [b, -c, 0]], dtype=torch.float64)
+    P = 0.5 + A
+    winner = torch.tensor([c, b, a], dtype=torch.float64) / (a + b + c)
+    eta, iters = 0.3, 2000
+    logits = torch.zeros(3, dtype=torch.float64)
+    avg = torch.zeros(3, dtype=torch.float64)
+    for t in range(iters):
+        pi_t = logits.softmax(-1)
+        avg += pi_t / iters
+        win = P @ pi_t                       # P(y > pi_t) for each response y
+        ref = pi_t.log()
+        theta = logits.clone().requires_grad_(True)
+        opt = torch.optim.LBFGS([theta], lr=1, max_iter=50, tolerance_grad=1e-12, tolerance_change=1e-14)
+
+        def closure():
+            opt.zero_grad()
+            logp = theta.log_softmax(-1)
+            # every response is "chosen" and "rejected" of itself: the loss is (logr - eta (win - 1/2))^2,
+            # weighted by pi_t, the distribution the responses are sampled from
+            per = sppo.preference_loss("sppo", logp, logp, ref, ref, win, win, win, eta, 0.1)
+            loss = (pi_t * per).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        logits = theta.detach()
+    dist = (avg - winner).abs().sum().item()
+    assert dist < 0.02, (avg.tolist(), winner.tolist())
+    # the last iterate cycles around the winner instead of settling (why the average matters)
+    assert (logits.softmax(-1) - winner).abs().sum().item() > dist
+
+
+# ----------------------------------------------------------------------------- the loop on a tiny model
+
+def tiny_prompts(path, n, tag):
+    rows = [{"id": f"{tag}{i}", "prompt": f"say something short number {i} please",
+             "checks": [{"type": "no_digits"}, {"type": "max_chars", "n": 18}]} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    make_tiny_chat_model(d / "model")
+    return d
+
+
+def run_args(tiny, runs, name="r"):
+    return ["--model", str(tiny / "model"), "--prompts", str(tiny_prompts(tiny / "train.jsonl", 12, "p")),
+            "--heldout", str(tiny_prompts(tiny / "heldout.jsonl", 4, "h")), "--runs-dir", str(runs), "--name", name,
+            "--iters", "2", "--prompts-per-iter", "6", "--eval-prompts", "4", "--k", "3", "--max-new-tokens", "8",
+            "--gen-batch", "2", "--batch-size", "2", "--epochs", "2", "--ckpt-every", "1", "--lora-r", "4",
+            "--device", "cpu", "--lr", "1e-2", "--eta", "2"]
+
+
+def run_sppo(args, crash=None):
+    env = dict(os.environ, PYTHONHASHSEED="0")
+    env.pop("SPPO_CRASH_AT", None)
+    if crash:
+        env["SPPO_CRASH_AT"] = crash
+    return subprocess.run([sys.executable, str(ROOT / "sppo.py"), *args], env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def artifacts(run):
+    """Every file a run leaves, by relative path -> bytes (safetensors compared by tensors)."""
+    from safetensors.torch import load_file
+    out = {}
+    for f in sorted(run.rglob("*")):
+        if f.is_dir() or f.name in ("ckpt.pt",) or f.suffix == ".tmp":
+            continue
+        rel = str(f.relative_to(run))
+        if f.suffix == ".safetensors":
+            out[rel] = {k: v.numpy().tobytes() for k, v in load_file(f).items()}
+        else:  # the run's own folder is named in some files (an adapter's base model path)
+            out[rel] = f.read_bytes().replace(str(run.parent).encode(), b"<runs>")
+    return out
+
+
+def test_reference_logps_are_frozen_and_differ_from_trained_policy(tiny_setup, tmp_path):
+    import data
+    import quant
+    s = sppo.parse_args(run_args(tiny_setup, tmp_path) + ["--lr", "5e-2", "--eta", "4"])
+    tok = data.Tokenizer.from_dir(s.model)
+    rows, _ = data.load_prompts(s.prompts)
+    rows = rows[:6]
+    it = tmp_path / "it"
+    it.mkdir()
+    responses = sppo.sample(s, Path(s.model), tok, rows, it / "responses.jsonl", [0, 50, 100])
+    judge = sppo.make_judge(s, tok)
+    judgments = sppo.judge_responses(s, judge, tok, rows, responses, it / "judgments.jsonl")
+    pairs = sppo.make_pairs(s, tok, Path(s.model), responses, judgments, it / "pairs.jsonl")
+    assert pairs, "the tiny setup must give some pairs"
+    before = (it / "pairs.jsonl").read_bytes()
+    # the reference is the frozen base: recompute it independently with the plain fp32-loaded
+    # model quantized the same way and no adapter
+    base = quant.quantize_model(s.model, torch.float32, "cpu")
+    ids, mask = sppo.pair_tensors(pairs, s, tok.pad_id, "cpu")
+    with torch.no_grad():
+        ref = sppo.sequence_logps(base, ids, mask)
+    n = len(pairs)
+    stored = torch.tensor([p["ref_chosen_logp"] for p in pairs] + [p["ref_rejected_logp"] for p in pairs])
+    assert torch.allclose(ref, stored, atol=1e-4)
+    (it / "train").mkdir()
+    sppo.train(s, tok, Path(s.model), pairs, it / "train", it / "adapter")
+    assert (it / "pairs.jsonl").read_bytes() == before, "training must not touch the stored reference"
+    pol = quant.quantize_model(s.model, torch.float32, "cpu")
+    quant.add_lora(pol, sppo.lora_config(s))
+    quant.load_adapter(pol, it / "adapter")
+    with torch.no_grad():
+        now = sppo.sequence_logps(pol, ids, mask)
+    assert (now - stored).abs().max().item() > 1e-2, "policy still equals the reference: reference == policy bug"
+
+
+def test_end_to_end_two_iterations_resume_after_kills_gives_same_artifacts(tiny_setup, tmp_path):
+    clean = run_sppo(run_args(tiny_setup, tmp_path / "a"))
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    run_a = tmp_path / "a" / "r"
+    for t in (0, 1):
+        for f in ("responses.jsonl", "judgments.jsonl", "pairs.jsonl", "adapter/adapter_model.safetensors",
+                  "model/config.json", "eval_answers.jsonl", "eval.json"):
+            assert (run_a / f"iter{t}" / f).exists(), f"iter{t}/{f}"
+    metrics = [json.loads(x) for x in (run_a / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iter"] for m in metrics] == [0, 1]
+    assert "| 2 |" in clean.stdout  # the final table
+
+    args_b = run_args(tiny_setup, tmp_path / "b")
+    # counts are per process: base eval has 2 chunks, an iteration 3 + 2 (eval), training ~4-6 steps
+    for crash in ("generate:2", "train:3", "generate:4", "train:2"):
+        r = run_sppo(args_b, crash)
+        assert r.returncode == -9, (crash, r.returncode, r.stderr[-2000:])
+    r = run_sppo(args_b)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = artifacts(run_a), artifacts(tmp_path / "b" / "r")
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k] == b[k], f"{k} differs after kill + resume"
+
+
+def test_run_folder_refuses_different_settings(tiny_setup, tmp_path):
+    s = sppo.parse_args(run_args(tiny_setup, tmp_path))
+    run = tmp_path / "r"
+    run.mkdir()
+    sppo.check_settings(s, run)
+    s2 = sppo.parse_args(run_args(tiny_setup, tmp_path) + ["--eta", "3"])
+    with pytest.raises(SystemExit, match="eta=2.0, not 3.0"):
+        sppo.check_settings(s2, run)
