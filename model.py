@@ -232,13 +232,15 @@ class Transformer(nn.Module):
             layer.self_attn.cache = None
         self.cache_valid = None
 
-    def forward(self, idx, attn_mask=None, pos=None, slot=None, last_only=False):
+    def forward(self, idx, attn_mask=None, pos=None, slot=None, last_only=False, head=True):
         """Logits (B, T, vocab) for tokens idx (B, T).
 
         attn_mask: (B, T) bool, True for real tokens (left padding is False). pos: (B, T) RoPE
         positions; by default each row counts its real tokens from 0, so a left-padded row gets
         the same positions as the row alone. slot: None for a full forward (training, scoring);
         an int to write this chunk into the KV cache at that slot and attend over the cache.
+        head=False returns the final normalised hidden states instead of logits, so a caller that
+        needs only some positions' logits (training scores responses, not prompts) saves the rest.
         """
         B, T = idx.shape
         if attn_mask is not None:
@@ -264,7 +266,8 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, mask, slot)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.norm(x))
+        x = self.norm(x)
+        return self.lm_head(x) if head else x
 
 
 # ----------------------------------------------------------------------------- loading

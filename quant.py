@@ -7,19 +7,24 @@ nothing of quantization. The 4-bit format and kernels are bitsandbytes'; LoRA is
     python quant.py --report   # bytes of weights (SmolLM2, Llama-3-8B shapes) and CPU speed
 """
 import json
+import logging
 import math
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import bitsandbytes as bnb
-import bitsandbytes.functional as bnbf
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+# On AVX512-BF16 CPUs bitsandbytes tries to fetch an optional kernel from the Hugging Face hub
+# at import and warns when it can't; we never want a download, and the fallback is fine.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-import model as M
+import bitsandbytes as bnb  # noqa: E402
+import bitsandbytes.functional as bnbf  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import model as M  # noqa: E402
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -67,6 +67,7 @@ class Settings:
     judge: str = opt("verifiable", "judge: verifiable (machine-checkable constraints), pairrm (llm-blender), llm (a local LM)",
                      choices=["verifiable", "pairrm", "llm"])
     pairrm_dir: str = opt("", "local folder of llm-blender/PairRM (for --judge pairrm)")
+    pairrm_backbone: str = opt("", "local folder of microsoft/deberta-v3-large, PairRM's backbone (for --judge pairrm)")
     pairrm_mode: str = opt("scores", "PairRM mode: scores (the paper's) or pairwise", choices=["scores", "pairwise"])
     judge_model: str = opt("", "local HF folder of the judging LM (for --judge llm)")
     judge_batch: int = opt(16, "judge batch size")
@@ -196,8 +197,8 @@ def make_judge(s, tok):
     if s.judge == "pairrm":
         if not s.pairrm_dir:
             sys.exit("error: --judge pairrm needs --pairrm-dir (a local copy of llm-blender/PairRM; see README)")
-        return judges.make_judge("pairrm", ranker_dir=s.pairrm_dir, mode=s.pairrm_mode, batch_size=s.judge_batch,
-                                 device=str(device_of(s)))
+        return judges.make_judge("pairrm", ranker_dir=s.pairrm_dir, backbone_dir=s.pairrm_backbone or None,
+                                 mode=s.pairrm_mode, batch_size=s.judge_batch, device=str(device_of(s)))
     if not s.judge_model:
         sys.exit("error: --judge llm needs --judge-model (a local HF folder)")
     dev = device_of(s)
@@ -240,10 +241,16 @@ def pair_tensors(pairs, s, pad_id, device):
 
 
 def sequence_logps(model, ids, resp_mask):
-    """sum_t log pi(y_t | x, y_<t) over each row's response tokens (prompt tokens masked)."""
-    logits = model(ids)[:, :-1].float()
-    logp = -F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-    return (logp * resp_mask[:, 1:]).sum(-1)
+    """sum_t log pi(y_t | x, y_<t) over each row's response tokens (prompt tokens masked).
+
+    The LM head runs only where a response token is predicted: with a 49k-128k vocabulary the
+    logits of prompt and padding positions would cost as much as the rest of the model."""
+    h = model(ids, head=False)[:, :-1]
+    where = resp_mask[:, 1:]
+    logits = model.lm_head(h[where]).float()
+    logp = -F.cross_entropy(logits, ids[:, 1:][where], reduction="none")
+    rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(where)[where]
+    return torch.zeros(ids.shape[0], device=ids.device, dtype=logp.dtype).index_add(0, rows, logp)
 
 
 def with_eos(tokens, finished, eos):

@@ -130,3 +130,18 @@ def test_embedded_smollm2_in_nf4_still_answers_paris(smollm2_dir):
                                   add_generation_prompt=True)
     out = M.generate(m, [ids], 24, temperature=0, stop_ids=[tok.eos_token_id])
     assert "Paris" in tok.decode(out[0], skip_special_tokens=True)
+
+
+def test_gradient_checkpointing_gives_the_same_lora_gradients(tiny_dir):
+    grads = []
+    for ckpt in (False, True):
+        m = random_lora(Q.quantize_model(tiny_dir), Q.LoRAConfig(r=4, alpha=8))
+        if ckpt:
+            Q.enable_checkpointing(m)
+        m.train()
+        idx = torch.arange(24).reshape(2, 12) % 97
+        torch.nn.functional.cross_entropy(m(idx)[:, :-1].flatten(0, 1), idx[:, 1:].flatten()).backward()
+        grads.append({n: p.grad.clone() for n, p in Q.lora_params(m).items()})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n

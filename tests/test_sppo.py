@@ -139,6 +139,26 @@ def artifacts(run):
     return out
 
 
+def test_sequence_logps_equal_transformers_log_probs_of_response_tokens(tiny_setup):
+    import model as M
+    from transformers import AutoModelForCausalLM
+    s = sppo.parse_args(run_args(tiny_setup, tiny_setup) + ["--max-len", "20", "--max-prompt-len", "6"])
+    pairs = [{"prompt_ids": [5, 6, 7, 8, 9, 10, 11, 12], "chosen_ids": [20, 21, 22, 2], "rejected_ids": [30] * 15},
+             {"prompt_ids": [40, 41], "chosen_ids": [50, 51], "rejected_ids": [60, 61, 62]}]
+    ids, mask = sppo.pair_tensors(pairs, s, 0, "cpu")
+    # truncation: the prompt keeps its last 6 tokens, the response fills up to max_len = 20
+    assert ids[0, :6].tolist() == [7, 8, 9, 10, 11, 12] and ids[2, 6:20].tolist() == [30] * 14
+    with torch.no_grad():
+        got = sppo.sequence_logps(M.load_model(tiny_setup / "model"), ids, mask)
+        hf = AutoModelForCausalLM.from_pretrained(tiny_setup / "model", torch_dtype=torch.float32)
+        want = []
+        for row, m in zip(ids, mask):
+            n = int(m.nonzero().max()) + 1  # unpadded length
+            logp = hf(row[None, :n]).logits[0].log_softmax(-1)
+            want.append(sum(logp[t - 1, row[t]].item() for t in range(1, n) if m[t]))
+    assert torch.allclose(got, torch.tensor(want), atol=1e-4)
+
+
 def test_reference_logps_are_frozen_and_differ_from_trained_policy(tiny_setup, tmp_path):
     import data
     import quant
