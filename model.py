@@ -220,12 +220,11 @@ class Transformer(nn.Module):
         self.cache_valid = None  # (B, max_len) bool: which cache slots hold real tokens
 
     def setup_cache(self, batch, max_len, dtype=None, device=None):
-        w = self.embed_tokens.weight
-        dtype, device = dtype or w.dtype, device or w.device
-        for layer in self.layers:
+        dtype = dtype or self.embed_tokens.weight.dtype
+        for layer in self.layers:  # each layer's cache lives on its layer's device (pipeline split)
             a = layer.self_attn
-            a.cache = KVCache(batch, max_len, a.n_kv_heads, a.head_dim, dtype, device)
-        self.cache_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+            a.cache = KVCache(batch, max_len, a.n_kv_heads, a.head_dim, dtype, device or layer_device(layer))
+        self.cache_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device or self.embed_tokens.weight.device)
 
     def clear_cache(self):
         for layer in self.layers:
@@ -241,7 +240,14 @@ class Transformer(nn.Module):
         an int to write this chunk into the KV cache at that slot and attend over the cache.
         head=False returns the final normalised hidden states instead of logits, so a caller that
         needs only some positions' logits (training scores responses, not prompts) saves the rest.
+        The three steps are separate methods so a pipeline (pipeline.py) can run them per stage.
         """
+        x, ctx = self.embed(idx, attn_mask, pos, slot)
+        x, ctx = self.run_layers(x, ctx, 0, len(self.layers))
+        return self.finish(x, last_only, head)
+
+    def embed(self, idx, attn_mask=None, pos=None, slot=None):
+        """Token embeddings and what every layer needs: ctx = (cos, sin, mask, slot)."""
         B, T = idx.shape
         if attn_mask is not None:
             attn_mask = attn_mask.bool()
@@ -262,12 +268,28 @@ class Transformer(nn.Module):
         else:
             valid = attn_mask if attn_mask is not None else torch.ones_like(idx, dtype=torch.bool)
             mask = attention_mask(valid, valid, 0, window)
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask, slot)
+        return x, (cos, sin, mask, slot)
+
+    def run_layers(self, x, ctx, lo, hi):
+        """Layers lo..hi-1. When the model is split over devices, the activations (and the rope
+        tables and mask) hop to each layer's device: the only cross-device traffic."""
+        for layer in self.layers[lo:hi]:
+            dev = layer_device(layer)
+            if x.device != dev:
+                x, ctx = x.to(dev), tuple(c.to(dev) if torch.is_tensor(c) else c for c in ctx)
+            x = layer(x, *ctx)
+        return x, ctx
+
+    def finish(self, x, last_only=False, head=True):
+        x = x.to(self.norm.weight.device)
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)
         return self.lm_head(x) if head else x
+
+
+def layer_device(layer):
+    return layer.input_layernorm.weight.device
 
 
 # ----------------------------------------------------------------------------- loading
@@ -314,11 +336,14 @@ def hf_name(name):
 def load_state(model, path, dtype=torch.float32, device="cpu", convert=None):
     """Stream a checkpoint into a model built on the meta device.
 
-    convert(name, tensor) -> bool lets a caller (quant.py) take a tensor itself, e.g. to
-    quantize a linear weight as it arrives; returning False falls back to a plain copy.
+    device: a device, or a function of the tensor's name giving its device (a pipeline split,
+    see pipeline.device_map). convert(name, tensor, device) -> bool lets a caller (quant.py)
+    take a tensor itself, e.g. to quantize a linear weight as it arrives; returning False
+    falls back to a plain copy.
     Missing, unexpected and mis-shaped tensors are errors naming the tensor and the file.
     """
     params = dict(model.named_parameters())
+    where = device if callable(device) else (lambda key: device)
     seen = set()
     for name, t, file in iter_checkpoint(path):
         key = hf_name(name)
@@ -330,17 +355,19 @@ def load_state(model, path, dtype=torch.float32, device="cpu", convert=None):
             raise ModelError(f"{file}: tensor {name} has shape {tuple(t.shape)}, "
                              f"expected {tuple(params[key].shape)}")
         seen.add(key)
-        if convert is not None and convert(key, t):
+        if convert is not None and convert(key, t, where(key)):
             continue
         mod_name, _, p_name = key.rpartition(".")
         mod = model.get_submodule(mod_name)
-        setattr(mod, p_name, nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False))
+        setattr(mod, p_name, nn.Parameter(t.to(device=where(key), dtype=dtype), requires_grad=False))
     missing = [k for k in params if k not in seen and not (k == "lm_head.weight" and model.cfg.tie_embeddings)]
     if missing:
         raise ModelError(f"{path}: missing tensor model.{missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     if model.cfg.tie_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    model.inv_freq = rope_inv_freq(model.cfg).to(device)
+        emb, head_dev = model.embed_tokens.weight, torch.device(where("lm_head.weight"))
+        # Split over devices, the head's device gets its own frozen copy of the tied matrix.
+        model.lm_head.weight = emb if emb.device == head_dev else nn.Parameter(emb.detach().to(head_dev), requires_grad=False)
+    model.inv_freq = rope_inv_freq(model.cfg).to(where("embed_tokens.weight"))
     return model
 
 
@@ -527,7 +554,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     model.setup_cache(B, T + max_new_tokens)
     try:
         pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        logits = model(idx, mask, pos, slot=0, last_only=True)[:, -1]
+        logits = model(idx, mask, pos, slot=0, last_only=True)[:, -1].to(device)
         next_pos = pos[:, -1:] + 1
         out = torch.zeros(B, 0, dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -538,7 +565,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
             done = done | torch.isin(tok, stop)
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
-            logits = model(tok[:, None], None, next_pos, slot=T + step)[:, -1]
+            logits = model(tok[:, None], None, next_pos, slot=T + step)[:, -1].to(device)
             next_pos = next_pos + 1
     finally:
         model.clear_cache()

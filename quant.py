@@ -155,12 +155,12 @@ def quantize_model(path, compute_dtype=torch.float32, device="cpu", quant_type="
     with torch.device("meta"):
         model = M.Transformer(cfg)
 
-    def convert(key, t):
+    def convert(key, t, dev):
         mod_name, _, leaf = key.rpartition(".")
         parent, _, child = mod_name.rpartition(".")
         if leaf != "weight" or child not in targets:
             return False
-        w = t.to(device=device, dtype=compute_dtype if compute_dtype != torch.float32 else t.dtype)
+        w = t.to(device=dev, dtype=compute_dtype if compute_dtype != torch.float32 else t.dtype)
         setattr(model.get_submodule(parent), child, NF4Linear(w, compute_dtype, quant_type, double_quant))
         return True
 

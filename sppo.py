@@ -31,6 +31,7 @@ from tqdm import tqdm
 import data
 import judge as judges
 import model as M
+import pipeline
 import quant
 
 HERE = Path(__file__).resolve().parent
@@ -93,10 +94,15 @@ class Settings:
     ckpt_every: int = opt(10, "optimizer steps between training checkpoints (resume points)")
     # hardware
     device: str = opt("", "cpu or cuda[:i]; default cuda when available")
+    devices: str = opt("", "split the layers over these devices, e.g. cuda:0,cuda:1 (a pipeline; see pipeline.py)")
+    micro_batches: int = opt(1, "GPipe micro-batches per training/scoring batch, so split devices work at once")
+    plan: bool = opt(False, "print the memory each device needs for these settings and stop, before loading anything")
+    device_mem: float = opt(0.0, "GiB per device for the plan (0 = each CUDA device's total; 24 otherwise)")
     merged_dtype: str = opt("float32", "dtype of the merged checkpoints", choices=["float32", "bfloat16", "float16"])
 
     # Settings that change no artifact: a run may be resumed with other values.
-    HARMLESS = ("name", "runs_dir", "device", "judge_batch", "vllm_memory")
+    HARMLESS = ("name", "runs_dir", "device", "devices", "micro_batches", "plan", "device_mem", "judge_batch",
+                "vllm_memory")
 
 
 def parse_args(argv=None):
@@ -127,7 +133,39 @@ crash_point.seen = {}
 
 
 def device_of(s):
+    """The (first) device: inputs go there. With --devices, the last one holds the head."""
+    if s.devices:
+        return torch.device(s.devices.split(",")[0])
     return torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def workload(s):
+    return pipeline.Workload(lora_r=s.lora_r, targets=tuple(s.lora_targets.split(",")), train_seqs=2 * s.batch_size,
+                             seq_len=s.max_len, resp_len=s.max_len - min(s.max_prompt_len, s.max_len // 2),
+                             grad_ckpt=s.grad_ckpt, gen_batch=s.gen_batch, gen_len=s.max_prompt_len + s.max_new_tokens,
+                             compute_bytes=torch.finfo(compute_dtype(device_of(s))).bits // 8)
+
+
+def memory_plan(s, path):
+    """(split bounds, per-device rows) for --devices; one device is one stage."""
+    devices = s.devices.split(",") if s.devices else [str(device_of(s))]
+    caps = [s.device_mem * pipeline.GiB] * len(devices) if s.device_mem else None
+    return pipeline.plan(M.Config.from_hf(path), devices, workload(s), caps)
+
+
+def load(s, path, quantized=False):
+    """pi_t on the device(s): bf16/fp32 for sampling, NF4 for scoring and training."""
+    dev = device_of(s)
+    where = dev
+    if s.devices:
+        bounds, _ = memory_plan(s, path)
+        where = pipeline.device_map(bounds, s.devices.split(","))
+    if quantized:
+        m = quant.quantize_model(path, compute_dtype(dev), where, quant_type=s.quant_type)
+    else:
+        m = M.load_model(path, compute_dtype(dev), where)
+    m.stage_bounds = bounds if s.devices else None
+    return m
 
 
 def compute_dtype(dev):
@@ -158,8 +196,7 @@ def sample(s, policy_dir, tok, rows, out_path, seeds, greedy=False, desc="genera
                                           memory=s.vllm_memory)
             at = {r["id"]: i for i, r in enumerate(todo)}
         else:
-            dev = device_of(s)
-            policy = M.load_model(policy_dir, compute_dtype(dev), dev)
+            policy = load(s, policy_dir)
         chunks = [rows[i:i + s.gen_batch] for i in range(0, len(rows), s.gen_batch)]
         bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc=desc, unit="prompt")
         for c, chunk in enumerate(chunks):
@@ -201,8 +238,7 @@ def make_judge(s, tok):
                                  mode=s.pairrm_mode, batch_size=s.judge_batch, device=str(device_of(s)))
     if not s.judge_model:
         sys.exit("error: --judge llm needs --judge-model (a local HF folder)")
-    dev = device_of(s)
-    jm = M.load_model(s.judge_model, compute_dtype(dev), dev)
+    jm = load(s, s.judge_model)
     return judges.make_judge("llm", model=jm, tokenizer=data.Tokenizer.from_dir(s.judge_model), batch_size=s.judge_batch)
 
 
@@ -240,12 +276,15 @@ def pair_tensors(pairs, s, pad_id, device):
     return ids, mask
 
 
-def sequence_logps(model, ids, resp_mask):
+def sequence_logps(model, ids, resp_mask, micro_batches=1):
     """sum_t log pi(y_t | x, y_<t) over each row's response tokens (prompt tokens masked).
 
     The LM head runs only where a response token is predicted: with a 49k-128k vocabulary the
-    logits of prompt and padding positions would cost as much as the rest of the model."""
-    h = model(ids, head=False)[:, :-1]
+    logits of prompt and padding positions would cost as much as the rest of the model.
+    Split over devices, the hidden states come from the pipeline (pipeline.hidden_states)
+    and the head runs on the last device."""
+    h = pipeline.hidden_states(model, ids, micro_batches)[:, :-1]
+    ids, resp_mask = ids.to(h.device), resp_mask.to(h.device)
     where = resp_mask[:, 1:]
     logits = model.lm_head(h[where]).float()
     logp = -F.cross_entropy(logits, ids[:, 1:][where], reduction="none")
@@ -276,12 +315,12 @@ def make_pairs(s, tok, policy_dir, responses, judgments, out_path):
         p["rejected_ids"] = with_eos(g["response_ids"][l], g["finished"][l], tok.eos_id)
         p.pop("prompt")
     dev = device_of(s)
-    base = quant.quantize_model(policy_dir, compute_dtype(dev), dev, quant_type=s.quant_type)
+    base = load(s, policy_dir, quantized=True)
     with torch.no_grad():
         for i in tqdm(range(0, len(pairs), s.batch_size), desc="reference log-probs", unit="batch"):
             batch = pairs[i:i + s.batch_size]
             ids, mask = pair_tensors(batch, s, tok.pad_id, dev)
-            lp = sequence_logps(base, ids, mask).tolist()
+            lp = sequence_logps(base, ids, mask, s.micro_batches).tolist()
             for j, p in enumerate(batch):
                 p["ref_chosen_logp"], p["ref_rejected_logp"] = lp[j], lp[len(batch) + j]
     data.write_jsonl(out_path, pairs)
@@ -315,9 +354,9 @@ def train_step(model, batch, s, pad_id, dev):
     """One micro-batch: policy log-probs of chosen and rejected in one forward, then the loss."""
     ids, mask = pair_tensors(batch, s, pad_id, dev)
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-        logps = sequence_logps(model, ids, mask)
+        logps = sequence_logps(model, ids, mask, s.micro_batches)
     n = len(batch)
-    f = lambda key: torch.tensor([p[key] for p in batch], device=dev, dtype=torch.float32)
+    f = lambda key: torch.tensor([p[key] for p in batch], device=logps.device, dtype=torch.float32)
     losses = preference_loss(s.loss, logps[:n], logps[n:], f("ref_chosen_logp"), f("ref_rejected_logp"),
                              f("chosen_probs_win"), f("chosen_probs_lose"), f("chosen_probs"), s.eta, s.beta)
     return losses.mean()
@@ -336,7 +375,7 @@ def train(s, tok, policy_dir, pairs, work_dir, adapter_dir):
         raise SystemExit(f"error: {work_dir.parent}/pairs.jsonl has no pairs: nothing to train on")
     dev = device_of(s)
     torch.manual_seed(s.seed)
-    model = quant.quantize_model(policy_dir, compute_dtype(dev), dev, quant_type=s.quant_type)
+    model = load(s, policy_dir, quantized=True)
     quant.add_lora(model, lora_config(s))
     if s.grad_ckpt:
         quant.enable_checkpointing(model)
@@ -466,10 +505,15 @@ def split_prompts(s, rows):
 
 def run(s):
     t0 = time.time()
+    base_dir = Path(s.model) if s.model else M.embedded_model_dir()
+    if s.plan or s.devices:
+        bounds, rows = memory_plan(s, base_dir)
+        fits = pipeline.print_plan(rows)
+        if s.plan:
+            sys.exit(0 if fits else 2)
     run_dir = Path(s.runs_dir) / s.name
     run_dir.mkdir(parents=True, exist_ok=True)
     check_settings(s, run_dir)
-    base_dir = Path(s.model) if s.model else M.embedded_model_dir()
     tok = data.Tokenizer.from_dir(base_dir)
     pool, stats = data.load_prompts(s.prompts)
     heldout, _ = data.load_prompts(s.heldout)

@@ -1,0 +1,217 @@
+"""More than one device: split the layers, pipeline micro-batches, plan memory before loading.
+
+The mission's hardware is two 24 GB cards without NVLink. Llama-3-8B in NF4 fits on one card,
+but its bf16 copy for sampling, the LoRA optimizer state, activations at sequence 1024 and a
+128k-vocabulary head do not all fit together; split over two cards they do.
+
+- `--devices cuda:0,cuda:1` puts the embedding and the first blocks on the first device and
+  the rest, the final norm and the head on the last. `plan()` chooses the split so that the
+  device with the most to hold holds as little as possible (`balance`), from the shapes alone.
+- Activations hop between devices in `model.Transformer.run_layers` (one (B, T, dim) copy per
+  boundary); each layer's KV cache lives on its own device.
+- `hidden_states` runs micro-batches in GPipe's order (Huang et al., 2019): at clock tick k,
+  stage s works on micro-batch k - s. CUDA launches are asynchronous, so while the second
+  card runs micro-batch m the first is already on m + 1; backward, one call over the summed
+  loss, is pipelined the same way by autograd's per-device threads.
+"""
+from dataclasses import dataclass
+
+import torch
+
+import model as M
+import quant
+
+GiB = 2 ** 30
+CONTEXT = 0.5 * GiB  # the CUDA context and allocator slack each device pays before any tensor
+
+
+# ----------------------------------------------------------------------------- placement
+
+def device_map(bounds, devices):
+    """name -> device for a split whose stage s holds layers bounds[s]:bounds[s + 1]."""
+    def where(key):
+        if key.startswith("embed_tokens."):
+            return torch.device(devices[0])
+        if key.startswith("layers."):
+            i = int(key.split(".")[1])
+            return torch.device(next(d for s, d in enumerate(devices) if bounds[s] <= i < bounds[s + 1]))
+        return torch.device(devices[-1])  # final norm and head
+    return where
+
+
+def hidden_states(model, ids, chunks=1):
+    """Final normalised hidden states of right-padded ids (B, T), GPipe-scheduled.
+
+    The batch is cut into `chunks` micro-batches; at tick k stage s runs micro-batch k - s.
+    The result equals model(ids, head=False): rows never interact (no attention mask needed
+    with right padding), so only the order of the work changes.
+    """
+    bounds = getattr(model, "stage_bounds", None) or [0, len(model.layers)]
+    parts = list(ids.chunk(max(1, min(chunks, ids.shape[0]))))
+    xs, ctxs = [None] * len(parts), [None] * len(parts)
+    n_stages = len(bounds) - 1
+    for tick in range(len(parts) + n_stages - 1):
+        for s in range(n_stages):
+            m = tick - s
+            if not 0 <= m < len(parts):
+                continue
+            if s == 0:
+                xs[m], ctxs[m] = model.embed(parts[m])
+            xs[m], ctxs[m] = model.run_layers(xs[m], ctxs[m], bounds[s], bounds[s + 1])
+    return torch.cat([model.finish(x, head=False) for x in xs])
+
+
+# ----------------------------------------------------------------------------- the memory plan
+
+@dataclass
+class Workload:
+    """What a run asks of the devices; sppo.py fills it from its flags."""
+    lora_r: int = 16
+    targets: tuple = quant.LINEARS  # the LoRA-adapted linears of each block
+    train_seqs: int = 16          # sequences per optimizer micro-batch: 2 per pair (chosen, rejected)
+    seq_len: int = 256            # prompt + response tokens in training
+    resp_len: int = 96            # response tokens per sequence (where the LM head runs)
+    grad_ckpt: bool = False
+    gen_batch: int = 24           # prompts sampled together
+    gen_len: int = 224            # prompt + new tokens in sampling
+    compute_bytes: int = 2        # bf16 on GPU
+
+
+def activation_bytes(cfg: M.Config, c):
+    """Bytes one block keeps for backward per token, counted from the code (model.Block with
+    LoRA on all seven linears): in the compute dtype, the normed inputs, q/k/v before and
+    after RoPE, the attention output, o_proj's input, the four (tokens x ffn) MLP tensors; in
+    float32, both RMSNorms' upcast inputs and, when the compute dtype is not float32, the
+    float32 copies LoRA takes of each linear's input. tests/test_pipeline.py checks this against
+    the bytes autograd actually saves."""
+    d, kv, f = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.ffn_dim
+    n = c * (2 * cfg.dim + 4 * d + 4 * kv + 4 * f) + 4 * 2 * cfg.dim
+    if c != 4:
+        n += 4 * (5 * cfg.dim + d + f)
+    return n
+
+
+def stage_costs(cfg: M.Config, w: Workload):
+    """Per layer: (training bytes, sampling bytes). Training holds NF4 weights, LoRA weights,
+    grads and two AdamW moments in float32, and the activations; sampling holds bf16 weights
+    and the KV cache."""
+    c = w.compute_bytes
+    _, nf4_block = quant.shape_bytes(_one_block(cfg), r=0)
+    lora = sum(16 * w.lora_r * (i + o) for name, (o, i) in _linears(cfg).items() if name in w.targets)
+    tokens = w.train_seqs * w.seq_len
+    act = tokens * (c * cfg.dim if w.grad_ckpt else activation_bytes(cfg, c))
+    block_params = sum(o * i for o, i in _linears(cfg).values()) + 2 * cfg.dim
+    kv = 2 * cfg.n_kv_heads * cfg.head_dim * c * w.gen_batch * w.gen_len
+    return nf4_block + lora + act, c * block_params + kv
+
+
+def _linears(cfg):
+    d, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    return {"q_proj": (d, cfg.dim), "k_proj": (kv, cfg.dim), "v_proj": (kv, cfg.dim), "o_proj": (cfg.dim, d),
+            "gate_proj": (cfg.ffn_dim, cfg.dim), "up_proj": (cfg.ffn_dim, cfg.dim), "down_proj": (cfg.dim, cfg.ffn_dim)}
+
+
+def _one_block(cfg):
+    """The config of a model that is one block and nothing else (for shape_bytes)."""
+    from dataclasses import replace
+    return replace(cfg, n_layers=1, vocab_size=1, tie_embeddings=True)
+
+
+def edge_costs(cfg: M.Config, w: Workload, split):
+    """Extra bytes of the first device (embedding) and the last (norm, head, logits, and the
+    one block's activations that checkpointing recomputes), each as (training, sampling)."""
+    c, V = w.compute_bytes, cfg.vocab_size
+    emb = c * V * cfg.dim
+    head = 0 if cfg.tie_embeddings and not split else c * V * cfg.dim
+    # The head runs on response positions only: logits in the compute dtype, their float32
+    # copy and the float32 log-softmax cross-entropy keeps for backward.
+    logits = w.train_seqs * w.resp_len * V * (c + 8)
+    gen_logits = w.gen_batch * V * 4
+    recompute = w.train_seqs * w.seq_len * activation_bytes(cfg, c) if w.grad_ckpt else 0
+    first = (emb, emb)
+    last = (head + logits + recompute, head + gen_logits)
+    return first, last
+
+
+def balance(costs, first, last, caps):
+    """Contiguous split of layers into len(caps) stages minimising the largest used fraction
+    of a device. costs[i] = (train, sample) bytes of layer i; first/last are the extras of
+    the first and last stage. A small dynamic programme: layers <= 128, stages <= 8."""
+    L, S = len(costs), len(caps)
+    pre = [(0, 0)]
+    for t, g in costs:
+        pre.append((pre[-1][0] + t, pre[-1][1] + g))
+
+    def load(s, a, b):  # bytes of stage s holding layers a..b-1: the worse of its two phases
+        t, g = pre[b][0] - pre[a][0], pre[b][1] - pre[a][1]
+        for on, (et, eg) in ((s == 0, first), (s == S - 1, last)):
+            if on:
+                t, g = t + et, g + eg
+        return max(t, g) / caps[s]
+
+    best = {(0, 0): (0.0, [0])}
+    for s in range(S):
+        nxt = {}
+        for (_, a), (worst, bounds) in best.items():
+            ends = [L] if s == S - 1 else range(a + 1, L - (S - s - 1) + 1)
+            for b in ends:
+                cand = (max(worst, load(s, a, b)), bounds + [b])
+                if (s + 1, b) not in nxt or cand[0] < nxt[(s + 1, b)][0]:
+                    nxt[(s + 1, b)] = cand
+        best = nxt
+    return best[(S, L)][1]
+
+
+def plan(cfg: M.Config, devices, w: Workload, caps=None):
+    """The split and, per device, what it will hold. caps: bytes per device (default: each
+    CUDA device's total memory; 24 GiB for anything else, the mission's card)."""
+    if len(devices) > cfg.n_layers:
+        raise ValueError(f"{len(devices)} devices for {cfg.n_layers} layers: at most one device per layer")
+    caps = caps or [device_capacity(d) for d in devices]
+    context = [CONTEXT if torch.device(d).type == "cuda" else 0 for d in devices]
+    costs = [stage_costs(cfg, w)] * cfg.n_layers
+    first, last = edge_costs(cfg, w, split=len(devices) > 1)
+    bounds = balance(costs, first, last, [c - x for c, x in zip(caps, context)])
+    rows = []
+    for s, dev in enumerate(devices):
+        n = bounds[s + 1] - bounds[s]
+        t, g = n * costs[0][0], n * costs[0][1]
+        if s == 0:
+            t, g = t + first[0], g + first[1]
+        if s == len(devices) - 1:
+            t, g = t + last[0], g + last[1]
+        rows.append({"device": dev, "layers": f"{bounds[s]}-{bounds[s + 1] - 1}", "train": t + context[s],
+                     "sample": g + context[s], "capacity": caps[s]})
+    return bounds, rows
+
+
+def device_capacity(dev):
+    d = torch.device(dev)
+    if d.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(d.index or 0).total_memory
+    return 24 * GiB
+
+
+def print_plan(rows):
+    """The plan as a table; returns False (and says which device) when something will not fit."""
+    print("| device | layers | training peak | sampling peak | capacity |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['device']} | {r['layers']} | {r['train'] / GiB:.2f} GiB | {r['sample'] / GiB:.2f} GiB "
+              f"| {r['capacity'] / GiB:.1f} GiB |")
+    print(f"(estimates from the shapes; a CUDA device also pays {CONTEXT / GiB:.1f} GiB of context, included)")
+    over = [r for r in rows if max(r["train"], r["sample"]) > r["capacity"]]
+    for r in over:
+        need = max(r["train"], r["sample"])
+        print(f"error: {r['device']} needs {need / GiB:.1f} GiB of {r['capacity'] / GiB:.1f} GiB; lower "
+              f"--batch-size or --max-len, add --grad-ckpt, or add a device to --devices "
+              f"(sampling: lower --gen-batch or --max-new-tokens)")
+    return not over
+
+
+if __name__ == "__main__":  # a quick look: python pipeline.py (Llama-3-8B shapes on two 24 GB cards)
+    llama3 = M.Config(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
+                      ffn_dim=14336, rope_theta=500000.0)
+    w = Workload(train_seqs=4, seq_len=1024, resp_len=512, grad_ckpt=True, gen_batch=16, gen_len=1536)
+    bounds, rows = plan(llama3, ["cuda:0", "cuda:1"], w, caps=[24 * GiB] * 2)
+    print_plan(rows)
+    print("bounds", bounds)

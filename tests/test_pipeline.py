@@ -1,0 +1,211 @@
+"""Split over devices and GPipe micro-batches: same numbers as one device, one batch."""
+import itertools
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import model as M
+import pipeline
+import quant
+import sppo
+from tiny import make_tiny_chat_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_chat_model(tmp_path_factory.mktemp("tiny") / "m", layers=5, hidden=64)
+
+
+def split_model(path, bounds, quantized=False):
+    devices = ["cpu"] * (len(bounds) - 1)
+    where = pipeline.device_map(bounds, devices)
+    m = quant.quantize_model(path, device=where) if quantized else M.load_model(path, device=where)
+    m.stage_bounds = bounds
+    return m
+
+
+def batch(vocab, B=6, T=20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (B, T), generator=g)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    for i in range(B):  # responses of different lengths after a 7-token prompt, right padding
+        mask[i, 7:T - i] = True
+    return ids, mask
+
+
+@pytest.mark.parametrize("bounds,chunks", [([0, 2, 5], 1), ([0, 2, 5], 3), ([0, 1, 3, 5], 4)])
+def test_split_hidden_states_and_logits_match_one_device(tiny, bounds, chunks):
+    whole = M.load_model(tiny)
+    split = split_model(tiny, bounds)
+    ids, _ = batch(whole.cfg.vocab_size)
+    with torch.no_grad():
+        ref = whole(ids)
+        h = pipeline.hidden_states(split, ids, chunks)
+        assert (split.lm_head(h) - ref).abs().max() <= 1e-5
+        assert (split(ids) - ref).abs().max() <= 1e-5
+
+
+def test_gpipe_clock_order(tiny):
+    """At tick k stage s runs micro-batch k - s: stage 1 starts micro-batch 0 before stage 0
+    starts micro-batch 2, never after all of stage 0 is done (that would be no pipeline)."""
+    m = split_model(tiny, [0, 2, 5])
+    log, which = [], {}
+    embed, run_layers = m.embed, m.run_layers
+
+    def tagged_embed(idx, *a, **k):
+        x, ctx = embed(idx, *a, **k)
+        which[id(ctx[0])] = len(which)
+        return x, ctx
+
+    def logged_run(x, ctx, lo, hi):
+        log.append(([0, 2].index(lo), which[id(ctx[0])]))
+        return run_layers(x, ctx, lo, hi)
+
+    m.embed, m.run_layers = tagged_embed, logged_run
+    ids, _ = batch(m.cfg.vocab_size, B=6)
+    with torch.no_grad():
+        pipeline.hidden_states(m, ids, 3)
+    assert log == [(0, 0), (0, 1), (1, 0), (0, 2), (1, 1), (1, 2)]
+
+
+def grads_and_loss(model, pairs, s):
+    for p in quant.lora_params(model).values():
+        p.grad = None
+    loss = sppo.train_step(model, pairs, s, 0, torch.device("cpu"))
+    loss.backward()
+    return loss.item(), {k: v.grad.clone() for k, v in quant.lora_params(model).items()}
+
+
+def lora_model(path, bounds):
+    m = split_model(path, bounds, quantized=True)
+    quant.add_lora(m, quant.LoRAConfig(r=4, alpha=8))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in quant.lora_params(m).values():  # B != 0 so that A gets gradients too
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return m.train()
+
+
+def make_pairs(vocab, n=6):
+    g = torch.Generator().manual_seed(2)
+    r = lambda k: torch.randint(3, vocab, (k,), generator=g).tolist()
+    return [{"prompt_ids": r(5 + i), "chosen_ids": r(3 + i), "rejected_ids": r(8 - i), "ref_chosen_logp": -20.0 - i,
+             "ref_rejected_logp": -25.0 + i, "chosen_probs_win": 0.7, "chosen_probs_lose": 0.3, "chosen_probs": 0.8}
+            for i in range(n)]
+
+
+@pytest.mark.parametrize("bounds,chunks", [([0, 2, 5], 1), ([0, 2, 5], 2), ([0, 1, 3, 5], 4), ([0, 5], 3)])
+def test_split_and_micro_batched_loss_and_lora_grads_match_full_batch(tiny, bounds, chunks):
+    s = sppo.Settings(eta=5.0, max_len=64, max_prompt_len=32)
+    ref_loss, ref_grads = grads_and_loss(lora_model(tiny, [0, 5]), make_pairs(300), s)
+    s.micro_batches = chunks
+    loss, grads = grads_and_loss(lora_model(tiny, bounds), make_pairs(300), s)
+    assert abs(loss - ref_loss) <= 1e-5 * max(1.0, abs(ref_loss))
+    assert grads.keys() == ref_grads.keys() and len(grads) == 5 * 7 * 2
+    for k in grads:
+        assert grads[k].abs().max() > 0, k
+        assert (grads[k] - ref_grads[k]).abs().max() <= 1e-5 * max(1.0, ref_grads[k].abs().max().item()), k
+
+
+def test_split_greedy_generation_matches_one_device(tiny):
+    whole, split = M.load_model(tiny), split_model(tiny, [0, 3, 5])
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16]]
+    assert M.generate(split, prompts, 12, temperature=0.0) == M.generate(whole, prompts, 12, temperature=0.0)
+
+
+# ----------------------------------------------------------------------------- the memory plan
+
+def test_balance_is_the_best_contiguous_split():
+    """Against exhaustive search over every split (the independent reference)."""
+    g = torch.Generator().manual_seed(3)
+    for trial in range(20):
+        L, S = int(torch.randint(3, 9, (1,), generator=g)), int(torch.randint(2, 4, (1,), generator=g))
+        costs = [(float(a), float(b)) for a, b in torch.randint(1, 20, (L, 2), generator=g).tolist()]
+        first, last = (5.0, 30.0), (40.0, 8.0)
+        caps = [float(c) for c in torch.randint(50, 100, (S,), generator=g).tolist()]
+
+        def worst(bounds):
+            out = 0.0
+            for s in range(S):
+                t = sum(c[0] for c in costs[bounds[s]:bounds[s + 1]])
+                u = sum(c[1] for c in costs[bounds[s]:bounds[s + 1]])
+                if s == 0:
+                    t, u = t + first[0], u + first[1]
+                if s == S - 1:
+                    t, u = t + last[0], u + last[1]
+                out = max(out, max(t, u) / caps[s])
+            return out
+
+        best = min(worst([0, *cut, L]) for cut in itertools.combinations(range(1, L), S - 1))
+        got = pipeline.balance(costs, first, last, caps)
+        assert got[0] == 0 and got[-1] == L and len(got) == S + 1 and all(a < b for a, b in zip(got, got[1:]))
+        assert worst(got) == pytest.approx(best)
+
+
+def test_activation_estimate_matches_what_autograd_saves(tiny):
+    """The plan's activation bytes per token per block against the bytes autograd actually
+    keeps for one LoRA block's backward (counted by a saved-tensors hook, each storage once)."""
+    m = quant.quantize_model(tiny)
+    quant.add_lora(m, quant.LoRAConfig(r=4, alpha=8))
+    m.train()
+    B, T = 4, 32
+    x = torch.randn(B, T, m.cfg.dim, requires_grad=True)
+    cos, sin = M.rope_cos_sin(m.inv_freq, torch.arange(T).expand(B, T), x.dtype)
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    lora_and_weights = {p.untyped_storage().data_ptr() for p in m.parameters()} | \
+                       {b.untyped_storage().data_ptr() for b in m.buffers()} | \
+                       {cos.untyped_storage().data_ptr(), sin.untyped_storage().data_ptr()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        m.layers[0](x, cos, sin, None).sum().backward()
+    measured = sum(n for ptr, n in seen.items() if ptr not in lora_and_weights) / (B * T)
+    estimate = pipeline.activation_bytes(m.cfg, 4)
+    print(f"activation bytes per token per block: measured {measured:.0f}, estimated {estimate:.0f}")
+    assert measured <= estimate <= 1.3 * measured, (measured, estimate)
+
+
+def test_plan_command_prints_split_and_refuses_what_does_not_fit(tiny):
+    run = lambda *a: subprocess.run([sys.executable, str(ROOT / "sppo.py"), "--model", str(tiny), "--plan", *a],
+                                    capture_output=True, text=True, cwd=ROOT, timeout=120)
+    ok = run("--devices", "cpu,cpu", "--device-mem", "4")
+    assert ok.returncode == 0, ok.stderr
+    assert "| cpu | 0-" in ok.stdout and "| cpu | " in ok.stdout.split("| cpu | 0-")[1]
+    bad = run("--devices", "cpu,cpu", "--device-mem", "0.001")
+    assert bad.returncode == 2
+    assert "error: cpu needs" in bad.stdout and "--batch-size" in bad.stdout
+
+
+def test_loop_split_over_two_devices_with_micro_batches_matches_one_device(tmp_path):
+    """One SPPO iteration of the real CLI, on one device and on `cpu,cpu` with micro-batches:
+    the same samples, reference log-probs and adapter (up to float rounding of the chunks)."""
+    import json
+    from safetensors.torch import load_file
+    from test_sppo import run_args, run_sppo
+    make_tiny_chat_model(tmp_path / "model")
+    runs = {}
+    for name, extra in (("one", []), ("two", ["--devices", "cpu,cpu", "--micro-batches", "2"])):
+        r = run_sppo(run_args(tmp_path, tmp_path / name) + ["--iters", "1", *extra])
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[name] = tmp_path / name / "r" / "iter0"
+    assert "| cpu | 0-0 |" in r.stdout  # the plan's split was printed
+    one, two = runs["one"], runs["two"]
+    assert (one / "responses.jsonl").read_bytes() == (two / "responses.jsonl").read_bytes()
+    pa = [json.loads(x) for x in (one / "pairs.jsonl").read_text().splitlines()]
+    pb = [json.loads(x) for x in (two / "pairs.jsonl").read_text().splitlines()]
+    assert len(pa) == len(pb) > 0
+    for x, y in zip(pa, pb):
+        assert abs(x["ref_chosen_logp"] - y["ref_chosen_logp"]) <= 1e-4
+        assert abs(x["ref_rejected_logp"] - y["ref_rejected_logp"]) <= 1e-4
+    wa, wb = (load_file(r / "adapter" / "adapter_model.safetensors") for r in (one, two))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert (wa[k] - wb[k]).abs().max() <= 1e-4, k
