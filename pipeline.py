@@ -208,10 +208,103 @@ def print_plan(rows):
     return not over
 
 
-if __name__ == "__main__":  # a quick look: python pipeline.py (Llama-3-8B shapes on two 24 GB cards)
-    llama3 = M.Config(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
-                      ffn_dim=14336, rope_theta=500000.0)
-    w = Workload(train_seqs=4, seq_len=1024, resp_len=512, grad_ckpt=True, gen_batch=16, gen_len=1536)
-    bounds, rows = plan(llama3, ["cuda:0", "cuda:1"], w, caps=[24 * GiB] * 2)
+# ----------------------------------------------------------------------------- measured vs planned
+
+LLAMA3_8B = M.Config(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
+                     ffn_dim=14336, rope_theta=500000.0)
+
+
+def random_model(cfg: M.Config, devices, bounds, compute_dtype, lora_r=16, seed=0):
+    """A model of cfg's shapes with random weights, built in place on its devices: each target
+    linear is drawn in the compute dtype on its own device and quantized to NF4 at once, so
+    an 8B model never exists in full precision (nothing to download, nothing to load)."""
+    torch.manual_seed(seed)
+    where = device_map(bounds, devices)
+    with torch.device("meta"):
+        m = M.Transformer(cfg)
+    for name, p in list(m.named_parameters()):
+        mod_name, _, leaf = name.rpartition(".")
+        parent, _, child = mod_name.rpartition(".")
+        dev = where(name)
+        if child in quant.LINEARS:
+            w = torch.randn(p.shape, device=dev, dtype=compute_dtype) * 0.02
+            setattr(m.get_submodule(parent), child, quant.NF4Linear(w, compute_dtype))
+        else:
+            init = torch.ones if "norm" in name else (lambda *a, **k: torch.randn(*a, **k) * 0.02)
+            setattr(m.get_submodule(mod_name), leaf, torch.nn.Parameter(init(p.shape, device=dev, dtype=compute_dtype),
+                                                                        requires_grad=False))
+    m.inv_freq = M.rope_inv_freq(cfg).to(devices[0])
+    m.stage_bounds = bounds
+    quant.add_lora(m, quant.LoRAConfig(r=lora_r))
+    return m
+
+
+def check(cfg: M.Config, devices, w: Workload, micro_batches=2, steps=3):
+    """Train a random NF4 + LoRA model of cfg's shapes split over devices, as sppo.train does
+    (pipelined forward, loss on response positions, backward, AdamW), and print each device's
+    measured peak beside the plan's estimate, and the training tokens/s."""
+    import time
+    cuda = torch.device(devices[0]).type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    w.compute_bytes = torch.finfo(dtype).bits // 8
+    bounds, rows = plan(cfg, devices, w)
+    m = random_model(cfg, devices, bounds, dtype, w.lora_r)
+    if w.grad_ckpt:
+        quant.enable_checkpointing(m)
+    params = list(quant.lora_params(m).values())
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    ids = torch.randint(0, cfg.vocab_size, (w.train_seqs, w.seq_len), device=devices[0])
+    resp = torch.zeros_like(ids, dtype=torch.bool)
+    resp[:, w.seq_len - w.resp_len:] = True
+    import sppo  # the training step's log-probs, exactly as the loop computes them
+    if cuda:
+        for d in devices:
+            torch.cuda.reset_peak_memory_stats(d)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            logps = sppo.sequence_logps(m, ids, resp, micro_batches)
+        (logps.float() / w.resp_len).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            for d in devices:
+                torch.cuda.synchronize(d)
+        times.append(time.perf_counter() - t)
+    tok_s = w.train_seqs * w.seq_len / min(times[1:] or times)
+    print("| device | layers | planned training peak | measured peak |\n|---|---|---|---|")
+    for r in rows:
+        got = (f"{(torch.cuda.max_memory_allocated(r['device']) + CONTEXT) / GiB:.2f} GiB (incl. {CONTEXT / GiB:.1f} context)"
+               if cuda else "n/a (not measurable per device on CPU)")
+        print(f"| {r['device']} | {r['layers']} | {r['train'] / GiB:.2f} GiB | {got} |")
+    print(f"training: {tok_s:.0f} tokens/s ({w.train_seqs} sequences x {w.seq_len}, {micro_batches} micro-batches, "
+          f"grad_ckpt={w.grad_ckpt}, best of {steps} steps after the first)")
+    return rows, tok_s, m
+
+
+def main(argv=None):
+    import argparse
+    ap = argparse.ArgumentParser(description="The memory plan for Llama-3-8B's shapes; --check measures it on real devices.")
+    ap.add_argument("--devices", default="cuda:0,cuda:1")
+    ap.add_argument("--check", action="store_true", help="build a random NF4 + LoRA r=16 model and train a few steps")
+    ap.add_argument("--tiny", action="store_true", help="a 4-layer model of small shapes instead of Llama-3-8B (a smoke run)")
+    ap.add_argument("--seqs", type=int, default=4, help="sequences per training batch")
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--micro-batches", type=int, default=2)
+    ap.add_argument("--no-grad-ckpt", action="store_true")
+    a = ap.parse_args(argv)
+    cfg = (M.Config(vocab_size=512, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128)
+           if a.tiny else LLAMA3_8B)
+    w = Workload(train_seqs=a.seqs, seq_len=a.seq_len, resp_len=a.seq_len // 2, grad_ckpt=not a.no_grad_ckpt,
+                 gen_batch=16, gen_len=a.seq_len + a.seq_len // 2)
+    devices = a.devices.split(",")
+    if a.check:
+        return check(cfg, devices, w, a.micro_batches)
+    bounds, rows = plan(cfg, devices, w, caps=[24 * GiB] * len(devices))
     print_plan(rows)
     print("bounds", bounds)
+
+
+if __name__ == "__main__":  # python pipeline.py: the plan of Llama-3-8B on two 24 GB cards
+    main()

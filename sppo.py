@@ -350,10 +350,11 @@ def preference_loss(kind, logp_w, logp_l, ref_w, ref_l, p_win, p_lose, p_wl, eta
     raise ValueError(f"unknown loss {kind!r}")
 
 
-def train_step(model, batch, s, pad_id, dev):
-    """One micro-batch: policy log-probs of chosen and rejected in one forward, then the loss."""
+def train_step(model, batch, s, pad_id, dev, amp=None):
+    """One micro-batch: policy log-probs of chosen and rejected in one forward, then the loss.
+    amp: bf16 autocast, by default on CUDA only (tests turn it off to compare in float32)."""
     ids, mask = pair_tensors(batch, s, pad_id, dev)
-    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda" if amp is None else amp):
         logps = sequence_logps(model, ids, mask, s.micro_batches)
     n = len(batch)
     f = lambda key: torch.tensor([p[key] for p in batch], device=logps.device, dtype=torch.float32)

@@ -14,6 +14,8 @@ import sppo
 from tiny import make_tiny_chat_model
 
 ROOT = Path(__file__).resolve().parents[1]
+# The split checks run on `cpu,cpu,...` here, and on `cuda:0,cuda:0,...` too where a GPU exists.
+DEVICES = ["cpu"] + (["cuda:0"] if torch.cuda.is_available() else [])
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +23,8 @@ def tiny(tmp_path_factory):
     return make_tiny_chat_model(tmp_path_factory.mktemp("tiny") / "m", layers=5, hidden=64)
 
 
-def split_model(path, bounds, quantized=False):
-    devices = ["cpu"] * (len(bounds) - 1)
+def split_model(path, bounds, quantized=False, dev="cpu"):
+    devices = [dev] * (len(bounds) - 1)
     where = pipeline.device_map(bounds, devices)
     m = quant.quantize_model(path, device=where) if quantized else M.load_model(path, device=where)
     m.stage_bounds = bounds
@@ -38,11 +40,13 @@ def batch(vocab, B=6, T=20, seed=0):
     return ids, mask
 
 
+@pytest.mark.parametrize("dev", DEVICES)
 @pytest.mark.parametrize("bounds,chunks", [([0, 2, 5], 1), ([0, 2, 5], 3), ([0, 1, 3, 5], 4)])
-def test_split_hidden_states_and_logits_match_one_device(tiny, bounds, chunks):
-    whole = M.load_model(tiny)
-    split = split_model(tiny, bounds)
+def test_split_hidden_states_and_logits_match_one_device(tiny, bounds, chunks, dev):
+    whole = M.load_model(tiny, device=dev)
+    split = split_model(tiny, bounds, dev=dev)
     ids, _ = batch(whole.cfg.vocab_size)
+    ids = ids.to(dev)
     with torch.no_grad():
         ref = whole(ids)
         h = pipeline.hidden_states(split, ids, chunks)
@@ -73,21 +77,21 @@ def test_gpipe_clock_order(tiny):
     assert log == [(0, 0), (0, 1), (1, 0), (0, 2), (1, 1), (1, 2)]
 
 
-def grads_and_loss(model, pairs, s):
+def grads_and_loss(model, pairs, s, dev="cpu"):
     for p in quant.lora_params(model).values():
         p.grad = None
-    loss = sppo.train_step(model, pairs, s, 0, torch.device("cpu"))
+    loss = sppo.train_step(model, pairs, s, 0, torch.device(dev), amp=False)
     loss.backward()
     return loss.item(), {k: v.grad.clone() for k, v in quant.lora_params(model).items()}
 
 
-def lora_model(path, bounds):
-    m = split_model(path, bounds, quantized=True)
+def lora_model(path, bounds, dev="cpu"):
+    m = split_model(path, bounds, quantized=True, dev=dev)
     quant.add_lora(m, quant.LoRAConfig(r=4, alpha=8))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in quant.lora_params(m).values():  # B != 0 so that A gets gradients too
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+            p.copy_(torch.randn(p.shape, generator=g).to(p.device) * 0.05)
     return m.train()
 
 
@@ -99,12 +103,13 @@ def make_pairs(vocab, n=6):
             for i in range(n)]
 
 
+@pytest.mark.parametrize("dev", DEVICES)
 @pytest.mark.parametrize("bounds,chunks", [([0, 2, 5], 1), ([0, 2, 5], 2), ([0, 1, 3, 5], 4), ([0, 5], 3)])
-def test_split_and_micro_batched_loss_and_lora_grads_match_full_batch(tiny, bounds, chunks):
+def test_split_and_micro_batched_loss_and_lora_grads_match_full_batch(tiny, bounds, chunks, dev):
     s = sppo.Settings(eta=5.0, max_len=64, max_prompt_len=32)
-    ref_loss, ref_grads = grads_and_loss(lora_model(tiny, [0, 5]), make_pairs(300), s)
+    ref_loss, ref_grads = grads_and_loss(lora_model(tiny, [0, 5], dev), make_pairs(300), s, dev)
     s.micro_batches = chunks
-    loss, grads = grads_and_loss(lora_model(tiny, bounds), make_pairs(300), s)
+    loss, grads = grads_and_loss(lora_model(tiny, bounds, dev), make_pairs(300), s, dev)
     assert abs(loss - ref_loss) <= 1e-5 * max(1.0, abs(ref_loss))
     assert grads.keys() == ref_grads.keys() and len(grads) == 5 * 7 * 2
     for k in grads:
@@ -112,8 +117,9 @@ def test_split_and_micro_batched_loss_and_lora_grads_match_full_batch(tiny, boun
         assert (grads[k] - ref_grads[k]).abs().max() <= 1e-5 * max(1.0, ref_grads[k].abs().max().item()), k
 
 
-def test_split_greedy_generation_matches_one_device(tiny):
-    whole, split = M.load_model(tiny), split_model(tiny, [0, 3, 5])
+@pytest.mark.parametrize("dev", DEVICES)
+def test_split_greedy_generation_matches_one_device(tiny, dev):
+    whole, split = M.load_model(tiny, device=dev), split_model(tiny, [0, 3, 5], dev=dev)
     prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16]]
     assert M.generate(split, prompts, 12, temperature=0.0) == M.generate(whole, prompts, 12, temperature=0.0)
 
@@ -171,6 +177,17 @@ def test_activation_estimate_matches_what_autograd_saves(tiny):
     estimate = pipeline.activation_bytes(m.cfg, 4)
     print(f"activation bytes per token per block: measured {measured:.0f}, estimated {estimate:.0f}")
     assert measured <= estimate <= 1.3 * measured, (measured, estimate)
+
+
+def test_measuring_command_trains_a_random_nf4_model_split_over_devices():
+    """`python pipeline.py --check` (the GPU measurement of the plan) on a small shape: the
+    LoRA weights on every stage move, so gradients crossed the device boundary."""
+    cfg = M.Config(vocab_size=300, dim=32, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=64)
+    w = pipeline.Workload(lora_r=4, train_seqs=4, seq_len=24, resp_len=12, grad_ckpt=True)
+    rows, tok_s, m = pipeline.check(cfg, ["cpu", "cpu"], w, micro_batches=2, steps=2)
+    assert [r["layers"] for r in rows] == [f"0-{m.stage_bounds[1] - 1}", f"{m.stage_bounds[1]}-3"] and tok_s > 0
+    for i, layer in enumerate(m.layers):
+        assert layer.self_attn.q_proj.lora_B.abs().max() > 0, i  # B starts at zero: a step moved it
 
 
 def test_plan_command_prints_split_and_refuses_what_does_not_fit(tiny):
