@@ -31,6 +31,7 @@ from tqdm import tqdm
 import data
 import judge as judges
 import model as M
+import parallel
 import pipeline
 import quant
 
@@ -64,6 +65,7 @@ class Settings:
     gen_batch: int = opt(24, "prompts per generation batch (also the resume chunk)")
     backend: str = opt("builtin", "sampler: builtin (our KV-cache sampler) or vllm (GPU extra)", choices=["builtin", "vllm"])
     vllm_memory: float = opt(0.85, "fraction of GPU memory the vLLM sampler may take")
+    vllm_tp: int = opt(1, "GPUs vLLM splits the sampler over (its tensor parallel; under torchrun rank 0 runs it)")
     # 2. judging
     judge: str = opt("verifiable", "judge: verifiable (machine-checkable constraints), pairrm (llm-blender), llm (a local LM)",
                      choices=["verifiable", "pairrm", "llm"])
@@ -102,7 +104,7 @@ class Settings:
 
     # Settings that change no artifact: a run may be resumed with other values.
     HARMLESS = ("name", "runs_dir", "device", "devices", "micro_batches", "plan", "device_mem", "judge_batch",
-                "vllm_memory")
+                "vllm_memory", "vllm_tp")
 
 
 def parse_args(argv=None):
@@ -187,43 +189,52 @@ def sample(s, policy_dir, tok, rows, out_path, seeds, greedy=False, desc="genera
     part = out_path.with_suffix(".partial.jsonl")
     done = data.done_ids(part)
     todo = [r for r in rows if r["id"] not in done]
+    parallel.barrier()  # every rank has read the resume state before rank 0 appends (parallel.py)
     if todo:
         temperature = 0.0 if greedy else s.temperature
-        if s.backend == "vllm":  # one child process for the whole stage: loading vLLM is slow
+        # With torchrun, the chunks are dealt round-robin over the ranks (parallel.py) and rank 0
+        # appends each round's chunks in order; vLLM parallelises itself, so rank 0 runs it alone.
+        per = 1 if s.backend == "vllm" else None
+        if s.backend == "vllm" and parallel.is_main():  # one child process for the whole stage: loading vLLM is slow
             import vllm_backend
             every = vllm_backend.generate(policy_dir, [tok.encode_chat(messages_of(r)) for r in todo], s.max_new_tokens,
                                           temperature, s.top_p, s.top_k, tok.stop_ids, seeds,
-                                          memory=s.vllm_memory)
+                                          memory=s.vllm_memory, tp=s.vllm_tp)
             at = {r["id"]: i for i, r in enumerate(todo)}
-        else:
+        elif s.backend != "vllm":
             policy = load(s, policy_dir)
         chunks = [rows[i:i + s.gen_batch] for i in range(0, len(rows), s.gen_batch)]
+        todo_chunks = [c for c, chunk in enumerate(chunks) if not all(r["id"] in done for r in chunk)]
         bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc=desc, unit="prompt")
-        for c, chunk in enumerate(chunks):
-            if all(r["id"] in done for r in chunk):
-                continue
-            ids = [tok.encode_chat(messages_of(r)) for r in chunk]
-            if s.backend == "vllm":
-                outs = [[o[at[r["id"]]] for r in chunk] for o in every]
-            else:
-                outs = [M.generate(policy, ids, s.max_new_tokens, temperature, s.top_p, s.top_k, tok.stop_ids,
-                                   seed=seed * 1000 + c, pad_id=tok.pad_id) for seed in seeds]
+        for c, group in parallel.rounds(todo_chunks, per):
             lines = []
-            for i, r in enumerate(chunk):
-                resp = [o[i] for o in outs]
-                finished = [bool(x) and x[-1] in tok.stop_ids for x in resp]
-                body = [x[:-1] if f else x for x, f in zip(resp, finished)]
-                lines.append({"id": r["id"], "prompt_ids": ids[i], "responses": [tok.decode(b) for b in body],
-                              "response_ids": body, "finished": finished})
-            data.append_jsonl(part, lines)
-            crash_point("generate")
-            bar.update(len(chunk))
+            if c is not None:
+                chunk = chunks[c]
+                ids = [tok.encode_chat(messages_of(r)) for r in chunk]
+                if s.backend == "vllm":
+                    outs = [[o[at[r["id"]]] for r in chunk] for o in every]
+                else:
+                    outs = [M.generate(policy, ids, s.max_new_tokens, temperature, s.top_p, s.top_k, tok.stop_ids,
+                                       seed=seed * 1000 + c, pad_id=tok.pad_id) for seed in seeds]
+                for i, r in enumerate(chunk):
+                    resp = [o[i] for o in outs]
+                    finished = [bool(x) and x[-1] in tok.stop_ids for x in resp]
+                    body = [x[:-1] if f else x for x, f in zip(resp, finished)]
+                    lines.append({"id": r["id"], "prompt_ids": ids[i], "responses": [tok.decode(b) for b in body],
+                                  "response_ids": body, "finished": finished})
+            lines = [line for got in parallel.gather(lines) for line in got]  # the round's chunks, in order
+            if parallel.is_main():
+                data.append_jsonl(part, lines)
+                crash_point("generate")
+            bar.update(sum(len(chunks[g]) for g in group))
         bar.close()
-    got = {r["id"]: r for r in data.read_jsonl_tolerant(part)}
-    out = [got[r["id"]] for r in rows]
-    data.write_jsonl(out_path, out)
-    part.unlink(missing_ok=True)
-    return out
+    out = None
+    if parallel.is_main():
+        got = {r["id"]: r for r in data.read_jsonl_tolerant(part)}
+        out = [got[r["id"]] for r in rows]
+        data.write_jsonl(out_path, out)
+        part.unlink(missing_ok=True)
+    return parallel.share(out)
 
 
 # ----------------------------------------------------------------------------- 2. judge
@@ -246,12 +257,15 @@ def judge_responses(s, judge, tok, rows, responses, out_path):
     """P matrices, one per prompt. The prompt shown to PairRM is chat-rendered, as in the reference."""
     if out_path.exists():
         return data.read_jsonl(out_path)
-    out = []
-    for i in tqdm(range(0, len(rows), s.judge_batch), desc="judge", unit="batch"):
+    starts, mine = list(range(0, len(rows), s.judge_batch)), {}
+    for i in tqdm(parallel.deal(starts), desc="judge", unit="batch"):  # with torchrun: this rank's batches
         rb, gb = rows[i:i + s.judge_batch], responses[i:i + s.judge_batch]
         Ps = judge([tok.render_chat(messages_of(r)) for r in rb], [g["responses"] for g in gb], rb)
-        out += [{"id": r["id"], "P": np.asarray(P).tolist()} for r, P in zip(rb, Ps)]
-    data.write_jsonl(out_path, out)
+        mine[i] = [{"id": r["id"], "P": np.asarray(P).tolist()} for r, P in zip(rb, Ps)]
+    got = {i: b for part in parallel.gather(mine) for i, b in part.items()}
+    out = [x for i in starts for x in got[i]]
+    if parallel.is_main():
+        data.write_jsonl(out_path, out)
     return out
 
 
@@ -316,14 +330,18 @@ def make_pairs(s, tok, policy_dir, responses, judgments, out_path):
         p.pop("prompt")
     dev = device_of(s)
     base = load(s, policy_dir, quantized=True)
+    starts, mine = list(range(0, len(pairs), s.batch_size)), {}
     with torch.no_grad():
-        for i in tqdm(range(0, len(pairs), s.batch_size), desc="reference log-probs", unit="batch"):
-            batch = pairs[i:i + s.batch_size]
-            ids, mask = pair_tensors(batch, s, tok.pad_id, dev)
-            lp = sequence_logps(base, ids, mask, s.micro_batches).tolist()
-            for j, p in enumerate(batch):
-                p["ref_chosen_logp"], p["ref_rejected_logp"] = lp[j], lp[len(batch) + j]
-    data.write_jsonl(out_path, pairs)
+        for i in tqdm(parallel.deal(starts), desc="reference log-probs", unit="batch"):  # torchrun: this rank's
+            ids, mask = pair_tensors(pairs[i:i + s.batch_size], s, tok.pad_id, dev)
+            mine[i] = sequence_logps(base, ids, mask, s.micro_batches).tolist()
+    got = {i: lp for part in parallel.gather(mine) for i, lp in part.items()}
+    for i in starts:
+        batch, lp = pairs[i:i + s.batch_size], got[i]
+        for j, p in enumerate(batch):
+            p["ref_chosen_logp"], p["ref_rejected_logp"] = lp[j], lp[len(batch) + j]
+    if parallel.is_main():
+        data.write_jsonl(out_path, pairs)
     print(f"  pairs: {len(pairs)} from {len(rows)} prompts; no pair: {stats}")
     return pairs
 
@@ -350,17 +368,30 @@ def preference_loss(kind, logp_w, logp_l, ref_w, ref_l, p_win, p_lose, p_wl, eta
     raise ValueError(f"unknown loss {kind!r}")
 
 
-def train_step(model, batch, s, pad_id, dev, amp=None):
+def train_step(model, batch, s, pad_id, dev, forward=None, amp=None):
     """One micro-batch: policy log-probs of chosen and rejected in one forward, then the loss.
-    amp: bf16 autocast, by default on CUDA only (tests turn it off to compare in float32)."""
+    forward: the DDP-wrapped ResponseLogps of model under torchrun. amp: bf16 autocast, by
+    default on CUDA only (tests turn it off to compare in float32)."""
     ids, mask = pair_tensors(batch, s, pad_id, dev)
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda" if amp is None else amp):
-        logps = sequence_logps(model, ids, mask, s.micro_batches)
+        logps = forward(ids, mask) if forward else sequence_logps(model, ids, mask, s.micro_batches)
     n = len(batch)
     f = lambda key: torch.tensor([p[key] for p in batch], device=logps.device, dtype=torch.float32)
     losses = preference_loss(s.loss, logps[:n], logps[n:], f("ref_chosen_logp"), f("ref_rejected_logp"),
                              f("chosen_probs_win"), f("chosen_probs_lose"), f("chosen_probs"), s.eta, s.beta)
     return losses.mean()
+
+
+class ResponseLogps(torch.nn.Module):
+    """sequence_logps as a module, for DistributedDataParallel: DDP arms its gradient
+    all-reduce in its own forward call, and our forward is sequence_logps, not model()."""
+
+    def __init__(self, model, micro_batches):
+        super().__init__()
+        self.model, self.micro_batches = model, micro_batches
+
+    def forward(self, ids, mask):
+        return sequence_logps(self.model, ids, mask, self.micro_batches)
 
 
 def lora_config(s):
@@ -396,6 +427,9 @@ def train(s, tok, policy_dir, pairs, work_dir, adapter_dir):
         opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])
         step, log = st["step"], st["log"]
+    W, forward = parallel.world(), None
+    if W > 1:  # with torchrun: LoRA gradients all-reduced by DDP (parallel.ddp)
+        forward = parallel.ddp(ResponseLogps(model, s.micro_batches))
     # The order of micro-batches is a pure function of (seed, epoch): a resumed run replays it.
     order = []
     for e in range(s.epochs):
@@ -407,12 +441,18 @@ def train(s, tok, policy_dir, pairs, work_dir, adapter_dir):
         micro = order[step * s.grad_accum:(step + 1) * s.grad_accum]
         loss_sum = 0.0
         for mb in micro:
-            loss = train_step(model, [pairs[i] for i in mb], s, tok.pad_id, dev)
-            if not torch.isfinite(loss):
-                raise SystemExit(f"error: training loss is {loss.item()} at step {step} (iteration folder "
+            # Ranks split the micro-batch; each weights its mean loss by its share of the pairs, times W
+            # since DDP averages gradients: the sum is the one-process gradient of the whole micro-batch.
+            # A rank dealt no pair runs one with weight 0 (DDP needs a backward from every rank).
+            mine = mb[parallel.rank()::W]
+            share = len(mine) / len(mb)
+            loss = train_step(model, [pairs[i] for i in mine or mb[:1]], s, tok.pad_id, dev, forward)
+            whole = loss.item() * share if W == 1 else sum(parallel.gather(loss.item() * share))
+            if not math.isfinite(whole):
+                raise SystemExit(f"error: training loss is {whole} at step {step} (iteration folder "
                                  f"{work_dir.parent}); the last good checkpoint {ckpt} is kept. Lower --lr or --eta.")
-            (loss / len(micro)).backward()
-            loss_sum += loss.item() / len(micro)
+            (loss * (share * W) / len(micro)).backward()
+            loss_sum += whole / len(micro)
         torch.nn.utils.clip_grad_norm_(params, s.clip)
         opt.step()
         sched.step()
@@ -421,13 +461,14 @@ def train(s, tok, policy_dir, pairs, work_dir, adapter_dir):
         log.append({"step": step, "loss": loss_sum, "lr": sched.get_last_lr()[0]})
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.4f}")
-        if step % s.ckpt_every == 0 or step == total:
+        if (step % s.ckpt_every == 0 or step == total) and parallel.is_main():
             save_atomic(ckpt, {"lora": [p.detach().cpu() for p in params], "opt": opt.state_dict(),
                                "sched": sched.state_dict(), "step": step, "log": log})
             crash_point("train")
     bar.close()
-    data.write_jsonl(work_dir / "losses.jsonl", log)
-    quant.save_adapter(model, lora_config(s), adapter_dir, base_path=str(policy_dir))
+    if parallel.is_main():
+        data.write_jsonl(work_dir / "losses.jsonl", log)
+        quant.save_adapter(model, lora_config(s), adapter_dir, base_path=str(policy_dir))
     return log
 
 
@@ -441,13 +482,15 @@ def save_atomic(path, obj):
 
 def merge(s, policy_dir, adapter_dir, out_dir):
     """pi_{t+1}: the adapter folded into pi_t's full-precision weights read from disk."""
-    if (out_dir / "config.json").exists():
+    if (out_dir / "config.json").exists() or not parallel.is_main():
+        parallel.barrier()  # with torchrun: the others wait for rank 0's merge before loading pi_{t+1}
         return out_dir
     with torch.device("meta"):
         skeleton = M.Transformer(M.Config.from_hf(policy_dir))
     quant.add_lora(skeleton, lora_config(s))
     quant.load_adapter(skeleton, adapter_dir)
     quant.merge_lora(policy_dir, skeleton, out_dir, dtype=getattr(torch, s.merged_dtype))
+    parallel.barrier()
     return out_dir
 
 
@@ -493,7 +536,8 @@ def check_settings(s, run):
             if k in old and old[k] != v:
                 raise SystemExit(f"error: {f}: this run was made with {k}={old[k]!r}, not {v!r}; "
                                  f"use another --name or the same setting")
-    data.write_json(f, mine)
+    if parallel.is_main():
+        data.write_json(f, mine)
 
 
 def split_prompts(s, rows):
@@ -506,6 +550,7 @@ def split_prompts(s, rows):
 
 def run(s):
     t0 = time.time()
+    s.device, s.devices = parallel.setup(s.device, s.devices)  # torchrun: join the ranks, pick this one's devices
     base_dir = Path(s.model) if s.model else M.embedded_model_dir()
     if s.plan or s.devices:
         bounds, rows = memory_plan(s, base_dir)
@@ -538,11 +583,13 @@ def run(s):
         new = merge(s, policy, it / "adapter", it / "model")
         answers = sample(s, new, tok, heldout, it / "eval_answers.jsonl", [0], greedy=True, desc="eval pi_%d" % (t + 1))
         loss = float(np.mean([r["loss"] for r in log[-max(1, len(log) // 4):]])) if log else float("nan")
-        res = evaluate(s, t, judge, tok, heldout, base_answers, answers, it / "eval.json", loss)
-        table.append(res)
-        data.write_jsonl(run_dir / "metrics.jsonl", table)
+        if parallel.is_main():  # with torchrun the others go on and wait in the next collective
+            res = evaluate(s, t, judge, tok, heldout, base_answers, answers, it / "eval.json", loss)
+            table.append(res)
+            data.write_jsonl(run_dir / "metrics.jsonl", table)
         policy = new
     print_table(table, time.time() - t0)
+    parallel.finish()
     return table
 
 

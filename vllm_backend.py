@@ -13,12 +13,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
+                 "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
+
 
 def generate(model_dir, prompts, max_new_tokens, temperature, top_p, top_k, stop_ids, seeds,
-             dtype="auto", memory=0.85, python=None):
+             dtype="auto", memory=0.85, python=None, tp=1):
     """For each seed, one sample per prompt: returns outs[seed_index][prompt_index] = token ids
     (the stop token kept when hit, as model.generate does). memory: the fraction of GPU memory
-    vLLM may take (on the CPU build: of host memory)."""
+    vLLM may take (on the CPU build: of host memory); tp: GPUs it splits the model over
+    (vLLM's tensor parallel, one node)."""
     import tempfile
     python = python or os.environ.get("SPPO_VLLM_PYTHON", sys.executable)
     with tempfile.TemporaryDirectory() as tmp:
@@ -26,8 +30,10 @@ def generate(model_dir, prompts, max_new_tokens, temperature, top_p, top_k, stop
         req.write_text(json.dumps({"model": str(model_dir), "prompts": prompts, "max_new_tokens": max_new_tokens,
                                    "temperature": temperature, "top_p": top_p, "top_k": top_k,
                                    "stop_ids": list(stop_ids), "seeds": list(seeds), "dtype": dtype,
-                                   "memory": memory}))
-        r = subprocess.run([python, str(Path(__file__).resolve()), str(req), str(resp)])
+                                   "memory": memory, "tp": tp}))
+        # under torchrun, vLLM must not take the parent's rank variables for its own process group
+        env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS and not k.startswith("TORCHELASTIC_")}
+        r = subprocess.run([python, str(Path(__file__).resolve()), str(req), str(resp)], env=env)
         if r.returncode != 0:
             raise RuntimeError(f"vLLM sampler failed (exit {r.returncode}); is vllm installed in {python}?")
         return json.loads(resp.read_text())["outputs"]
@@ -38,7 +44,7 @@ def _serve(req_path, resp_path):
     from vllm.inputs import TokensPrompt
     req = json.loads(Path(req_path).read_text())
     llm = LLM(model=req["model"], dtype=req["dtype"], seed=0, enforce_eager=True,
-              gpu_memory_utilization=req["memory"])
+              gpu_memory_utilization=req["memory"], tensor_parallel_size=req.get("tp", 1))
     prompts = [TokensPrompt(prompt_token_ids=p) for p in req["prompts"]]
     outputs = []
     for seed in req["seeds"]:
