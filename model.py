@@ -1,4 +1,5 @@
-"""Our own Llama-family causal LM: config, modules, weight loading, KV-cache sampling.
+"""Our own Llama-family causal LM (Llama, Mistral, Gemma-2): config, modules, weight loading,
+KV-cache sampling.
 
 One file, read top to bottom: Config -> RMSNorm/RoPE -> Attention/MLP/Block -> Transformer
 -> loading from a Hugging Face folder -> the embedded GGUF default -> generate().
@@ -18,7 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM")
+SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Gemma2ForCausalLM")
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
 class ModelError(ValueError):
@@ -43,6 +45,23 @@ class Config:
     max_seq_len: int = 8192
     sliding_window: int | None = None  # Mistral v0.1; None = full attention
     arch: str = "LlamaForCausalLM"
+    # Gemma-2 (the defaults leave Llama/Mistral as they are):
+    layer_types: tuple | None = None   # "sliding_attention"/"full_attention" per layer; None: all alike
+    hidden_act: str = "silu"           # Gemma: "gelu_pytorch_tanh" (GeGLU)
+    query_pre_attn_scalar: float | None = None  # queries scaled by its -1/2 power; None: head_dim
+    attn_logit_softcapping: float | None = None  # cap * tanh(logit / cap) on attention logits
+    final_logit_softcapping: float | None = None  # ... and on the output logits
+
+    @property
+    def gemma(self):
+        """Gemma's norms: (1 + w) RMSNorm, extra norms after attention and MLP, embeddings * sqrt(dim)."""
+        return self.arch == "Gemma2ForCausalLM"
+
+    def window(self, i):
+        """Layer i's sliding window, or None for full attention."""
+        if self.layer_types is not None and self.layer_types[i] != "sliding_attention":
+            return None
+        return self.sliding_window
 
     @classmethod
     def from_hf(cls, path):
@@ -55,40 +74,63 @@ class Config:
         arch = (c.get("architectures") or ["?"])[0]
         if arch not in SUPPORTED:
             raise ModelError(f"{file}: architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED)})")
-        for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+        for key, ok in (("attention_bias", False), ("mlp_bias", False)):
             if c.get(key, ok) != ok:
                 raise ModelError(f"{file}: {key}={c[key]!r} is not supported (need {ok!r})")
+        gemma = arch == "Gemma2ForCausalLM"
+        # Gemma2Config reads hidden_activation (a stray hidden_act in its config.json is unused).
+        act_key = "hidden_activation" if gemma else "hidden_act"
+        act = c.get(act_key) or ("gelu_pytorch_tanh" if gemma else "silu")
+        if act not in ACTIVATIONS:
+            raise ModelError(f"{file}: {act_key}={act!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
         rs = c.get("rope_scaling")
         if rs is not None and rs.get("rope_type", rs.get("type")) not in ("llama3", "default"):
             raise ModelError(f"{file}: rope_scaling type {rs.get('rope_type', rs.get('type'))!r} is not supported")
         if rs is not None and rs.get("rope_type", rs.get("type")) == "default":
             rs = None
         n_heads = c["num_attention_heads"]
+        window = c.get("sliding_window") if arch == "MistralForCausalLM" else None
+        gemma_fields = {}
+        if gemma:  # missing keys take Gemma2Config's defaults, as transformers does
+            n = c["num_hidden_layers"]
+            types = c.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+            if len(types) != n or not set(types) <= {"sliding_attention", "full_attention"}:
+                raise ModelError(f"{file}: layer_types must give each of the {n} layers "
+                                 "sliding_attention or full_attention")
+            window = c.get("sliding_window", 4096)
+            gemma_fields = dict(
+                layer_types=tuple(types),
+                query_pre_attn_scalar=c.get("query_pre_attn_scalar", 256),
+                attn_logit_softcapping=c.get("attn_logit_softcapping", 50.0),
+                final_logit_softcapping=c.get("final_logit_softcapping", 30.0))
         return cls(
             vocab_size=c["vocab_size"], dim=c["hidden_size"], n_layers=c["num_hidden_layers"],
             n_heads=n_heads, n_kv_heads=c.get("num_key_value_heads") or n_heads,
-            head_dim=c.get("head_dim") or c["hidden_size"] // n_heads,
+            head_dim=c.get("head_dim") or (256 if gemma else c["hidden_size"] // n_heads),
             ffn_dim=c["intermediate_size"], rope_theta=float(c.get("rope_theta", 10000.0)),
             rope_scaling=rs, norm_eps=c.get("rms_norm_eps", 1e-6),
-            tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+            # Gemma2Config ties by default, and save_pretrained leaves a default out of config.json
+            tie_embeddings=bool(c.get("tie_word_embeddings", gemma)),
             max_seq_len=c.get("max_position_embeddings", 4096),
-            sliding_window=c.get("sliding_window") if arch == "MistralForCausalLM" else None,
-            arch=arch,
+            sliding_window=window,
+            arch=arch, hidden_act=act, **gemma_fields,
         )
 
 
 # ----------------------------------------------------------------------------- modules
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim, eps):
+    def __init__(self, dim, eps, gemma=False):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.gemma = eps, gemma
+        self.weight = nn.Parameter(torch.zeros(dim) if gemma else torch.ones(dim))
 
     def forward(self, x):
         # Normalise in float32 and cast back before the weight, exactly as HF Llama does.
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.gemma:  # Gemma stores w - 1 and scales in float32 before casting back (HF Gemma2RMSNorm)
+            return (h * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * h.to(x.dtype)
 
 
@@ -147,6 +189,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        # Gemma scales queries by query_pre_attn_scalar^-1/2; None is SDPA's 1/sqrt(head_dim)
+        self.scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else None
+        self.softcap = cfg.attn_logit_softcapping
         self.cache = None
 
     def forward(self, x, cos, sin, mask, slot=None):
@@ -157,10 +202,26 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if slot is not None:
             k, v = self.cache.update(slot, k, v)
-        # mask None means plain causal over an unpadded batch: SDPA's fast path.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        if self.softcap is not None:
+            y = softcapped_attention(q, k, v, mask, self.scale or self.head_dim ** -0.5, self.softcap)
+        else:
+            # mask None means plain causal over an unpadded batch: SDPA's fast path.
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
+                                               enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def softcapped_attention(q, k, v, mask, scale, cap):
+    """Attention with Gemma-2's cap * tanh(logits / cap), written out because SDPA cannot cap
+    its logits. Same conventions as the SDPA call: boolean mask, None = causal, GQA."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # kv head j serves q heads j*rep..
+    s = (q @ k.transpose(-2, -1)) * scale
+    s = cap * torch.tanh(s / cap)
+    if mask is None:
+        mask = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril()
+    s = s.masked_fill(~mask, float("-inf"))
+    return s.softmax(-1, dtype=torch.float32).to(q.dtype) @ v
 
 
 class MLP(nn.Module):
@@ -169,20 +230,33 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.act = ACTIVATIONS[cfg.hidden_act]  # SwiGLU, or Gemma's GeGLU
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, i=0):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        g = self.gemma = cfg.gemma
+        self.sliding = cfg.window(i) is not None
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps, g)
         self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps, g)
         self.mlp = MLP(cfg)
+        if g:
+            # Same name, other place: Gemma-2's post_attention_layernorm normalises the attention
+            # output; the norm before the MLP (Llama's post_attention_layernorm) is pre_feedforward.
+            self.pre_feedforward_layernorm = RMSNorm(cfg.dim, cfg.norm_eps, g)
+            self.post_feedforward_layernorm = RMSNorm(cfg.dim, cfg.norm_eps, g)
 
-    def forward(self, x, cos, sin, mask, slot=None):
+    def forward(self, x, cos, sin, mask, slot=None, window_mask=None):
+        if self.sliding:
+            mask = window_mask
+        if self.gemma:
+            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, slot))
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, slot)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -211,8 +285,8 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.gemma)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -247,7 +321,8 @@ class Transformer(nn.Module):
         return self.finish(x, last_only, head)
 
     def embed(self, idx, attn_mask=None, pos=None, slot=None):
-        """Token embeddings and what every layer needs: ctx = (cos, sin, mask, slot)."""
+        """Token embeddings and what every layer needs: ctx = (cos, sin, mask, slot, window_mask);
+        full-attention layers use mask, sliding-window layers window_mask."""
         B, T = idx.shape
         if attn_mask is not None:
             attn_mask = attn_mask.bool()
@@ -257,18 +332,23 @@ class Transformer(nn.Module):
             else:
                 pos = (attn_mask.long().cumsum(-1) - 1).clamp(min=0)
         x = self.embed_tokens(idx)
+        if self.cfg.gemma:  # the normaliser in the activations' dtype, as HF rounds it
+            x = x * torch.tensor(self.cfg.dim ** 0.5, dtype=x.dtype)
         cos, sin = rope_cos_sin(self.inv_freq, pos, x.dtype)
-        window = self.cfg.sliding_window
+        valid = attn_mask if attn_mask is not None else torch.ones_like(idx, dtype=torch.bool)
         if slot is not None:
-            valid = attn_mask if attn_mask is not None else torch.ones_like(idx, dtype=torch.bool)
             self.cache_valid[:, slot:slot + T] = valid
-            mask = attention_mask(valid, self.cache_valid[:, :slot + T], slot, window)
-        elif attn_mask is None and (window is None or T <= window):
-            mask = None
-        else:
-            valid = attn_mask if attn_mask is not None else torch.ones_like(idx, dtype=torch.bool)
-            mask = attention_mask(valid, valid, 0, window)
-        return x, (cos, sin, mask, slot)
+
+        def mask_for(window):
+            if slot is not None:
+                return attention_mask(valid, self.cache_valid[:, :slot + T], slot, window)
+            if attn_mask is None and (window is None or T <= window):
+                return None
+            return attention_mask(valid, valid, 0, window)
+        windows = [self.cfg.window(i) for i in range(len(self.layers))]
+        mask = mask_for(None) if None in windows else None
+        window_mask = mask_for(self.cfg.sliding_window) if any(w is not None for w in windows) else None
+        return x, (cos, sin, mask, slot, window_mask)
 
     def run_layers(self, x, ctx, lo, hi):
         """Layers lo..hi-1. When the model is split over devices, the activations (and the rope
@@ -285,7 +365,13 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)
-        return self.lm_head(x) if head else x
+        return self.logits(x) if head else x
+
+    def logits(self, h):
+        """The LM head on final hidden states, with Gemma-2's soft-capping when configured."""
+        y = self.lm_head(h)
+        cap = self.cfg.final_logit_softcapping
+        return y if cap is None else cap * torch.tanh(y / cap)
 
 
 def layer_device(layer):

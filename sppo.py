@@ -300,7 +300,7 @@ def sequence_logps(model, ids, resp_mask, micro_batches=1):
     h = pipeline.hidden_states(model, ids, micro_batches)[:, :-1]
     ids, resp_mask = ids.to(h.device), resp_mask.to(h.device)
     where = resp_mask[:, 1:]
-    logits = model.lm_head(h[where]).float()
+    logits = model.logits(h[where]).float()  # the head, soft-capped for Gemma-2
     logp = -F.cross_entropy(logits, ids[:, 1:][where], reduction="none")
     rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(where)[where]
     return torch.zeros(ids.shape[0], device=ids.device, dtype=logp.dtype).index_add(0, rows, logp)
