@@ -754,6 +754,8 @@ def main(argv=None):
     try:
         return run(parse_args(argv))
     except (data.DataError, M.ModelError, RunError) as e:
+        for bar in list(getattr(tqdm, "_instances", [])):  # end the stopped stage's bar: the error gets its own line
+            bar.close()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

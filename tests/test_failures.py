@@ -34,11 +34,13 @@ def args(tiny, runs, **over):
 
 def fails(capsys, argv):
     """Run the command line in-process; -> its one stderr line (it must exit with status 2)."""
+    capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         sppo.main(argv)
     assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    out = capsys.readouterr().err
+    err = out.rstrip("\n").split("\n")[-1]  # progress bars may come before it, each ended by a newline
+    assert err.startswith("error: ") and "\r" not in err and "Traceback" not in out, out
     return err
 
 
@@ -145,8 +147,9 @@ def synthetic_pairs(n, vocab, seed=0):
             for i in range(n)]
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path, monkeypatch):
-    s = sppo.parse_args(args(tiny, tmp_path, **{"batch-size": 1, "epochs": 1, "ckpt-every": 1, "lr": 1e-2}))
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path, capsys, monkeypatch):
+    argv = args(tiny, tmp_path, **{"batch-size": 1, "epochs": 1, "ckpt-every": 1, "lr": 1e-2})
+    s = sppo.parse_args(argv)
     tok = data.Tokenizer.from_dir(tiny / "model")
     pairs = synthetic_pairs(5, tok.vocab_size)
     # The clean run, every checkpoint it saves recorded: the reference for "last good".
@@ -164,10 +167,11 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path, monke
     order = torch.randperm(5, generator=torch.Generator().manual_seed(s.seed * 1000)).tolist()
     bad = [dict(p) for p in pairs]
     bad[order[3]]["ref_chosen_logp"] = float("inf")
-    with pytest.raises(sppo.RunError) as e:
-        sppo.train(s, tok, tiny / "model", bad, tmp_path / "bad" / "train", tmp_path / "bad" / "adapter")
-    msg = str(e.value)
-    assert "loss is inf at step 4" in msg and "(step 3) is kept" in msg and "\n" not in msg, msg
+    # through the command line: the training stage of a run is this train() call
+    monkeypatch.setattr(sppo, "run", lambda s: sppo.train(s, tok, tiny / "model", bad, tmp_path / "bad" / "train",
+                                                           tmp_path / "bad" / "adapter"))
+    msg = fails(capsys, argv)
+    assert "training loss is inf at step 4" in msg and "(step 3) is kept" in msg, msg
     assert not (tmp_path / "bad" / "adapter").exists()
     kept = torch.load(tmp_path / "bad" / "train" / "ckpt.pt")
     assert kept["step"] == 3 and kept["log"] == saved[3]["log"]
