@@ -323,6 +323,7 @@ def load_prompts(path):
             raise DataError(f"{where}: field 'id' {row['id']!r} already used at {seen_id[row['id']]}")
         seen_text.add(key)
         seen_id[row["id"]] = where
+        row["where"] = where  # file:line, for errors found later (e.g. a prompt too long)
         rows.append(row)
     stats["kept"] = len(rows)
     return rows, stats

@@ -414,6 +414,18 @@ def iter_checkpoint(path):
                 yield name, f.get_tensor(name), file
 
 
+def check_headers(path):
+    """Open every shard's header (no tensor is read), so a missing or damaged file is reported
+    before a run starts, not hours into it."""
+    from safetensors import safe_open
+    for file in checkpoint_files(path):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except Exception as e:
+            raise ModelError(f"{file}: cannot read safetensors header ({e})") from None
+
+
 def hf_name(name):
     """Checkpoint tensor name -> our parameter name (HF nests the body under "model.")."""
     return name[len("model."):] if name.startswith("model.") else name

@@ -188,11 +188,12 @@ HF_EXTRA_FILES = ("config.json", "generation_config.json", "tokenizer.json", "to
                   "special_tokens_map.json", "chat_template.jinja", "tokenizer.model")
 
 
-def merge_lora(src_dir, lora_model, out_dir, dtype=None):
+def merge_lora(src_dir, lora_model, out_dir, dtype=None, on_shard=None):
     """Write src_dir's checkpoint with W + (alpha/r) B A folded into every adapted weight.
 
     The sum uses the full-precision weights read from disk, shard by shard (never the 4-bit
     copy, whose rounding would be baked in), and the folder appears whole or not at all.
+    on_shard(file) is called after each shard is written (progress, tests' kill points).
     """
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -217,6 +218,8 @@ def merge_lora(src_dir, lora_model, out_dir, dtype=None):
                 total += t.numel() * t.element_size()
         save_file(tensors, str(tmp / file.name), metadata={"format": "pt"})
         del tensors
+        if on_shard is not None:
+            on_shard(file)
     if used != set(deltas):
         raise M.ModelError(f"{src_dir}: adapter targets missing from the checkpoint: {sorted(set(deltas) - used)[:3]}")
     if (src_dir / "model.safetensors.index.json").exists():

@@ -13,11 +13,13 @@ Every stage reads and writes named files under runs/<name>/, each written atomic
 whose output exists is skipped, so running the same command again resumes where it stopped.
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -87,6 +89,8 @@ class Settings:
     clip: float = opt(1.0, "gradient-norm clipping")
     max_len: int = opt(256, "max tokens of prompt + response in training")
     max_prompt_len: int = opt(160, "max prompt tokens in training (the prompt's end is kept)")
+    long_prompts: str = opt("error", "a prompt longer than --max-prompt-len tokens: error (stop and name it), "
+                            "truncate (cut its text's start, keep the request's end) or skip; counted", choices=["error", "truncate", "skip"])
     lora_r: int = opt(16, "LoRA rank")
     lora_alpha: float = opt(32.0, "LoRA alpha (scale alpha/r)")
     lora_dropout: float = opt(0.0, "LoRA dropout")
@@ -120,9 +124,14 @@ def parse_args(argv=None):
     return Settings(**vars(p.parse_args(argv)))
 
 
+class RunError(RuntimeError):
+    """A run that cannot go on (NaN loss, out of memory, mixed settings): a one-line message."""
+
+
 def crash_point(stage):
     """Test hook: SPPO_CRASH_AT=<stage>:<n> SIGKILLs this process the n-th time `stage` has
-    just written a resume point, so tests can prove a killed run resumes to the same result."""
+    just written a resume point (stages: generate, judge, pairs, train, merge, evaluate), so
+    tests can prove a killed run resumes to the same result."""
     want = os.environ.get("SPPO_CRASH_AT", "")
     if want.partition(":")[0] != stage:
         return
@@ -244,29 +253,44 @@ def make_judge(s, tok):
         return judges.make_judge("verifiable", tau=s.tau)
     if s.judge == "pairrm":
         if not s.pairrm_dir:
-            sys.exit("error: --judge pairrm needs --pairrm-dir (a local copy of llm-blender/PairRM; see README)")
+            raise RunError("--judge pairrm needs --pairrm-dir (a local copy of llm-blender/PairRM; see README)")
         return judges.make_judge("pairrm", ranker_dir=s.pairrm_dir, backbone_dir=s.pairrm_backbone or None,
                                  mode=s.pairrm_mode, batch_size=s.judge_batch, device=str(device_of(s)))
     if not s.judge_model:
-        sys.exit("error: --judge llm needs --judge-model (a local HF folder)")
+        raise RunError("--judge llm needs --judge-model (a local HF folder)")
     jm = load(s, s.judge_model)
     return judges.make_judge("llm", model=jm, tokenizer=data.Tokenizer.from_dir(s.judge_model), batch_size=s.judge_batch)
 
 
 def judge_responses(s, judge, tok, rows, responses, out_path):
-    """P matrices, one per prompt. The prompt shown to PairRM is chat-rendered, as in the reference."""
+    """P matrices, one per prompt. The prompt shown to PairRM is chat-rendered, as in the reference.
+    Batches are appended as they finish (like `sample`): a killed run judges only the rest."""
     if out_path.exists():
         return data.read_jsonl(out_path)
-    starts, mine = list(range(0, len(rows), s.judge_batch)), {}
-    for i in tqdm(parallel.deal(starts), desc="judge", unit="batch"):  # with torchrun: this rank's batches
-        rb, gb = rows[i:i + s.judge_batch], responses[i:i + s.judge_batch]
-        Ps = judge([tok.render_chat(messages_of(r)) for r in rb], [g["responses"] for g in gb], rb)
-        mine[i] = [{"id": r["id"], "P": np.asarray(P).tolist()} for r, P in zip(rb, Ps)]
-    got = {i: b for part in parallel.gather(mine) for i, b in part.items()}
-    out = [x for i in starts for x in got[i]]
+    part = out_path.with_suffix(".partial.jsonl")
+    done = data.done_ids(part)
+    parallel.barrier()  # every rank has read the resume state before rank 0 appends (parallel.py)
+    starts = [i for i in range(0, len(rows), s.judge_batch) if not all(r["id"] in done for r in rows[i:i + s.judge_batch])]
+    bar = tqdm(total=len(rows), initial=len(done & {r["id"] for r in rows}), desc="judge", unit="prompt")
+    for i, group in parallel.rounds(starts):  # with torchrun: one batch per rank per round
+        lines = []
+        if i is not None:
+            rb, gb = rows[i:i + s.judge_batch], responses[i:i + s.judge_batch]
+            Ps = judge([tok.render_chat(messages_of(r)) for r in rb], [g["responses"] for g in gb], rb)
+            lines = [{"id": r["id"], "P": np.asarray(P).tolist()} for r, P in zip(rb, Ps)]
+        lines = [x for got in parallel.gather(lines) for x in got]  # the round's batches, in order
+        if parallel.is_main():
+            data.append_jsonl(part, lines)
+            crash_point("judge")
+        bar.update(sum(len(rows[g:g + s.judge_batch]) for g in group))
+    bar.close()
+    out = None
     if parallel.is_main():
+        got = {r["id"]: r for r in data.read_jsonl_tolerant(part)}  # by id: a batch judged twice counts once
+        out = [got[r["id"]] for r in rows]
         data.write_jsonl(out_path, out)
-    return out
+        part.unlink(missing_ok=True)
+    return parallel.share(out)
 
 
 # ----------------------------------------------------------------------------- 3. pairs + reference
@@ -329,19 +353,33 @@ def make_pairs(s, tok, policy_dir, responses, judgments, out_path):
         p["rejected_ids"] = with_eos(g["response_ids"][l], g["finished"][l], tok.eos_id)
         p.pop("prompt")
     dev = device_of(s)
-    base = load(s, policy_dir, quantized=True)
-    starts, mine = list(range(0, len(pairs), s.batch_size)), {}
+    # scored batches are appended as they finish: a killed run scores only the rest
+    part = out_path.with_suffix(".partial.jsonl")
+    done = data.done_ids(part)
+    parallel.barrier()  # every rank has read the resume state before rank 0 appends
+    starts = [i for i in range(0, len(pairs), s.batch_size) if not all(p["id"] in done for p in pairs[i:i + s.batch_size])]
+    bar = tqdm(total=len(pairs), initial=len(done & {p["id"] for p in pairs}), desc="reference log-probs", unit="pair")
+    base = load(s, policy_dir, quantized=True) if starts else None
     with torch.no_grad():
-        for i in tqdm(parallel.deal(starts), desc="reference log-probs", unit="batch"):  # torchrun: this rank's
-            ids, mask = pair_tensors(pairs[i:i + s.batch_size], s, tok.pad_id, dev)
-            mine[i] = sequence_logps(base, ids, mask, s.micro_batches).tolist()
-    got = {i: lp for part in parallel.gather(mine) for i, lp in part.items()}
-    for i in starts:
-        batch, lp = pairs[i:i + s.batch_size], got[i]
-        for j, p in enumerate(batch):
-            p["ref_chosen_logp"], p["ref_rejected_logp"] = lp[j], lp[len(batch) + j]
+        for i, group in parallel.rounds(starts):  # with torchrun: one batch per rank per round
+            lines = []
+            if i is not None:
+                batch = pairs[i:i + s.batch_size]
+                ids, mask = pair_tensors(batch, s, tok.pad_id, dev)
+                lp = sequence_logps(base, ids, mask, s.micro_batches).tolist()
+                lines = [dict(p, ref_chosen_logp=lp[j], ref_rejected_logp=lp[len(batch) + j]) for j, p in enumerate(batch)]
+            lines = [x for got in parallel.gather(lines) for x in got]
+            if parallel.is_main():
+                data.append_jsonl(part, lines)
+                crash_point("pairs")
+            bar.update(sum(len(pairs[g:g + s.batch_size]) for g in group))
+    bar.close()
     if parallel.is_main():
+        got = {p["id"]: p for p in data.read_jsonl_tolerant(part)}
+        pairs = [got[p["id"]] for p in pairs]
         data.write_jsonl(out_path, pairs)
+        part.unlink(missing_ok=True)
+    pairs = parallel.share(pairs)
     print(f"  pairs: {len(pairs)} from {len(rows)} prompts; no pair: {stats}")
     return pairs
 
@@ -404,7 +442,7 @@ def train(s, tok, policy_dir, pairs, work_dir, adapter_dir):
     if (adapter_dir / "adapter_config.json").exists():
         return data.read_jsonl(work_dir / "losses.jsonl") if (work_dir / "losses.jsonl").exists() else []
     if not pairs:
-        raise SystemExit(f"error: {work_dir.parent}/pairs.jsonl has no pairs: nothing to train on")
+        raise RunError(f"{work_dir.parent}/pairs.jsonl has no pairs: nothing to train on")
     dev = device_of(s)
     torch.manual_seed(s.seed)
     model = load(s, policy_dir, quantized=True)
@@ -449,11 +487,13 @@ def train(s, tok, policy_dir, pairs, work_dir, adapter_dir):
             loss = train_step(model, [pairs[i] for i in mine or mb[:1]], s, tok.pad_id, dev, forward)
             whole = loss.item() * share if W == 1 else sum(parallel.gather(loss.item() * share))
             if not math.isfinite(whole):
-                raise SystemExit(f"error: training loss is {whole} at step {step} (iteration folder "
-                                 f"{work_dir.parent}); the last good checkpoint {ckpt} is kept. Lower --lr or --eta.")
+                not_finite(f"loss is {whole}", step, ckpt)
             (loss * (share * W) / len(micro)).backward()
             loss_sum += whole / len(micro)
-        torch.nn.utils.clip_grad_norm_(params, s.clip)
+        # a finite loss can still give inf gradients; stepping on them would put NaN in the weights
+        norm = torch.nn.utils.clip_grad_norm_(params, s.clip)
+        if not torch.isfinite(norm):
+            not_finite(f"gradient norm is {norm.item()}", step, ckpt)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -470,6 +510,13 @@ def train(s, tok, policy_dir, pairs, work_dir, adapter_dir):
         data.write_jsonl(work_dir / "losses.jsonl", log)
         quant.save_adapter(model, lora_config(s), adapter_dir, base_path=str(policy_dir))
     return log
+
+
+def not_finite(what, step, ckpt):
+    """Stop before a NaN/inf reaches the weights: ckpt (if any) holds the last good ones."""
+    kept = f"the last good checkpoint {ckpt} (step {torch.load(ckpt)['step']}) is kept" if ckpt.exists() else "no checkpoint was written yet"
+    raise RunError(f"training {what} at step {step + 1}; {kept}. Lower --lr or --eta, or check the pairs in "
+                   f"{ckpt.parent.parent}/pairs.jsonl for inf/NaN reference log-probs")
 
 
 def save_atomic(path, obj):
@@ -489,7 +536,14 @@ def merge(s, policy_dir, adapter_dir, out_dir):
         skeleton = M.Transformer(M.Config.from_hf(policy_dir))
     quant.add_lora(skeleton, lora_config(s))
     quant.load_adapter(skeleton, adapter_dir)
-    quant.merge_lora(policy_dir, skeleton, out_dir, dtype=getattr(torch, s.merged_dtype))
+    bar = tqdm(total=len(M.checkpoint_files(policy_dir)), desc="merge", unit="shard")
+
+    def shard_done(file):
+        bar.update(1)
+        crash_point("merge")
+
+    quant.merge_lora(policy_dir, skeleton, out_dir, dtype=getattr(torch, s.merged_dtype), on_shard=shard_done)
+    bar.close()
     parallel.barrier()
     return out_dir
 
@@ -511,9 +565,13 @@ def evaluate(s, t, judge, tok, heldout, base_answers, new_answers, out_path, los
     prompts = [tok.render_chat(messages_of(r)) for r in heldout]
     new = [a["responses"][0] for a in new_answers]
     old = [a["responses"][0] for a in base_answers]
-    p1 = judge(prompts, [[a, b] for a, b in zip(new, old)], heldout)
-    p2 = judge(prompts, [[b, a] for a, b in zip(new, old)], heldout)
-    wins = [(P[0][1] + Q[1][0]) / 2 for P, Q in zip(p1, p2)]
+    wins = []
+    for i in tqdm(range(0, len(heldout), s.judge_batch), desc="evaluate", unit="batch"):
+        sl = slice(i, i + s.judge_batch)
+        p1 = judge(prompts[sl], [[a, b] for a, b in zip(new[sl], old[sl])], heldout[sl])
+        p2 = judge(prompts[sl], [[b, a] for a, b in zip(new[sl], old[sl])], heldout[sl])
+        wins += [(P[0][1] + Q[1][0]) / 2 for P, Q in zip(p1, p2)]
+        crash_point("evaluate")
     res = {"iter": t, "win_rate": mean_ci(wins), "n_eval": len(wins), "train_loss": loss}
     if s.judge == "verifiable":
         sat_new = [judges.satisfaction(a, r["checks"]) for a, r in zip(new, heldout)]
@@ -521,7 +579,39 @@ def evaluate(s, t, judge, tok, heldout, base_answers, new_answers, out_path, los
         res["sat_base"], res["sat_new"] = mean_ci(sat_old), mean_ci(sat_new)
         res["sat_gain"] = mean_ci(np.subtract(sat_new, sat_old))
     data.write_json(out_path, res)
+    crash_point("evaluate")
     return res
+
+
+def export_alpaca_eval(path, rows, answers, generator):
+    """Held-out answers as AlpacaEval's model_outputs.json: a JSON list of
+    {"instruction", "output", "generator"}, for `alpaca_eval --model_outputs` (see README). A truncated
+    prompt is exported with its full text: AlpacaEval matches outputs to its instructions by text."""
+    data.write_json(path, [{"instruction": r.get("full_prompt", r["prompt"]), "output": a["responses"][0], "generator": generator}
+                           for r, a in zip(rows, answers)])
+
+
+def plot_metrics(run_dir, table):
+    """runs/<name>/metrics.png: win rate vs pi_0 (95% CI bars) and the training loss, per iteration."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    it = [r["iter"] + 1 for r in table]
+    a.errorbar(it, [r["win_rate"][0] for r in table], yerr=[r["win_rate"][1] for r in table], fmt="o-", capsize=4)
+    a.axhline(0.5, color="gray", ls="--", lw=1)
+    a.set(xlabel="iteration", ylabel="win rate vs pi_0", title="held-out win rate (95% CI)", xticks=it)
+    for r in table:
+        f = run_dir / f"iter{r['iter']}" / "train" / "losses.jsonl"
+        log = data.read_jsonl(f) if f.exists() else []
+        b.plot([x["step"] for x in log], [x["loss"] for x in log], label=f"iteration {r['iter'] + 1}")
+    b.set(xlabel="optimizer step", ylabel="loss", title="training loss", yscale="symlog")
+    b.legend()
+    fig.tight_layout()
+    tmp = run_dir / "metrics.png.tmp"
+    fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    os.replace(tmp, run_dir / "metrics.png")
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -534,10 +624,80 @@ def check_settings(s, run):
         old = json.loads(f.read_text())
         for k, v in mine.items():
             if k in old and old[k] != v:
-                raise SystemExit(f"error: {f}: this run was made with {k}={old[k]!r}, not {v!r}; "
-                                 f"use another --name or the same setting")
+                raise RunError(f"{f}: this run was made with {k}={old[k]!r}, not {v!r}; "
+                               f"use another --name or the same setting")
     if parallel.is_main():
         data.write_json(f, mine)
+
+
+def fit_prompts(s, tok, rows):
+    """Prompts longer than --max-prompt-len tokens once chat-rendered: an error naming the
+    file and line, or (--long-prompts) cut or dropped. -> (rows, how many were too long)."""
+    out, n = [], 0
+    for r in rows:
+        ids = tok.encode_chat(messages_of(r))
+        if len(ids) <= s.max_prompt_len:
+            out.append(r)
+            continue
+        n += 1
+        if s.long_prompts == "error":
+            raise data.DataError(f"{r['where']}: prompt is {len(ids)} tokens, more than --max-prompt-len "
+                                 f"{s.max_prompt_len}; raise it or pass --long-prompts truncate or skip")
+        if s.long_prompts == "truncate":
+            out.append(truncate_prompt(s, tok, r))
+    return out, n
+
+
+def truncate_prompt(s, tok, r):
+    """Cut the start of the last user turn until the rendered prompt fits: its end (usually the
+    actual request) stays, as pair_tensors keeps a prompt's end."""
+    text = tok.encode(r["prompt"])
+    while True:
+        messages = r["messages"][:-1] + [{"role": "user", "content": tok.decode(text)}]
+        over = len(tok.encode_chat(messages)) - s.max_prompt_len
+        if over <= 0:
+            return dict(r, prompt=messages[-1]["content"], messages=messages, full_prompt=r["prompt"])
+        if over >= len(text):
+            raise data.DataError(f"{r['where']}: the chat template and earlier turns alone are longer than "
+                                 f"--max-prompt-len {s.max_prompt_len}")
+        text = text[over:]
+
+
+def remove_leftovers(run_dir):
+    """A killed process leaves its temporary files and folders (*.tmp*): every artifact appears by a
+    rename, so nothing reads them; remove them so a resumed run folder is the same as a clean one."""
+    for p in sorted(run_dir.rglob("*.tmp*"), reverse=True):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+OOM_FLAGS = {  # out of GPU memory in a stage -> what to lower
+    "generate": "--gen-batch or --max-new-tokens",
+    "judge": "--judge-batch",
+    "pairs": "--batch-size or --max-len (or raise --micro-batches with --devices)",
+    "train": "--batch-size (raising --grad-accum keeps the effective batch) or --max-len, or add --grad-ckpt",
+    "merge": "nothing: merge works shard by shard; free the GPU of other processes",
+    "evaluate": "--judge-batch",
+}
+
+
+@contextlib.contextmanager
+def stage(where, name):
+    """One stage: CUDA out-of-memory becomes a one-line error naming the flag to lower, and a
+    summary line is printed at the end (the block fills info["summary"])."""
+    info, t0 = {"summary": ""}, time.time()
+    try:
+        yield info
+    except torch.OutOfMemoryError:
+        raise RunError(f"out of GPU memory in {where} {name}: lower {OOM_FLAGS[name]} (finished work is kept; "
+                       f"flags that change results need a new --name)") from None
+    print(f"{where} {name}: {info['summary']}{', ' if info['summary'] else ''}{time.time() - t0:.0f} s", flush=True)
+
+
+def kilo(n):
+    return f"{n / 1000:.1f}k" if n >= 1000 else str(n)
 
 
 def split_prompts(s, rows):
@@ -557,40 +717,76 @@ def run(s):
         fits = pipeline.print_plan(rows)
         if s.plan:
             sys.exit(0 if fits else 2)
-    run_dir = Path(s.runs_dir) / s.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    check_settings(s, run_dir)
+    # Every input is checked before the run folder is touched: a bad file costs nothing.
+    M.Config.from_hf(base_dir)
+    M.check_headers(base_dir)
     tok = data.Tokenizer.from_dir(base_dir)
     pool, stats = data.load_prompts(s.prompts)
     heldout, _ = data.load_prompts(s.heldout)
     heldout = heldout[:s.eval_prompts] if s.eval_prompts else heldout
+    pool, stats["too_long"] = fit_prompts(s, tok, pool)
+    heldout, long_heldout = fit_prompts(s, tok, heldout)
+    run_dir = Path(s.runs_dir) / s.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    check_settings(s, run_dir)
+    if parallel.is_main():  # with torchrun only rank 0 writes, so only it cleans
+        remove_leftovers(run_dir)
     parts = split_prompts(s, pool)
     print(f"sppo: model {base_dir}, {len(pool)} prompts ({stats}), {s.iters} iterations x {len(parts[0])} prompts, "
           f"K={s.k}, judge {s.judge}, loss {s.loss}; run folder {run_dir}")
+    if stats["too_long"] or long_heldout:
+        print(f"  prompts longer than --max-prompt-len {s.max_prompt_len}: {stats['too_long']} training, "
+              f"{long_heldout} held-out ({'truncated' if s.long_prompts == 'truncate' else 'skipped'})")
     judge = make_judge(s, tok)
     seeds = [50 * k for k in range(s.k)]  # 0, 50, 100, 150, 200 as in the reference
-    base_answers = sample(s, base_dir, tok, heldout, run_dir / "eval_base.jsonl", [0], greedy=True, desc="eval pi_0")
+    with stage("base", "generate") as st:
+        base_answers = sample(s, base_dir, tok, heldout, run_dir / "eval_base.jsonl", [0], greedy=True, desc="eval pi_0")
+        if parallel.is_main():
+            export_alpaca_eval(run_dir / "alpaca_eval" / "model_outputs.json", heldout, base_answers, f"{s.name}_pi0")
+        st["summary"] = answers_summary(base_answers, "held-out answers")
     policy, table = base_dir, []
     for t in range(s.iters):
         it = run_dir / f"iter{t}"
         it.mkdir(exist_ok=True)
         print(f"== iteration {t}: policy {policy}")
-        responses = sample(s, policy, tok, parts[t], it / "responses.jsonl", seeds)
-        judgments = judge_responses(s, judge, tok, parts[t], responses, it / "judgments.jsonl")
-        pairs = make_pairs(s, tok, policy, responses, judgments, it / "pairs.jsonl")
+        where = f"iter {t}"
+        with stage(where, "generate") as st:
+            responses = sample(s, policy, tok, parts[t], it / "responses.jsonl", seeds)
+            st["summary"] = answers_summary(responses, "responses")
+        with stage(where, "judge") as st:
+            judgments = judge_responses(s, judge, tok, parts[t], responses, it / "judgments.jsonl")
+            st["summary"] = f"{len(judgments)} prompts, {len(judgments) * s.k * (s.k - 1) // 2} pairs of responses"
+        with stage(where, "pairs") as st:
+            pairs = make_pairs(s, tok, policy, responses, judgments, it / "pairs.jsonl")
+            st["summary"] = f"{len(pairs)} chosen/rejected pairs with reference log-probs"
         (it / "train").mkdir(exist_ok=True)
-        log = train(s, tok, policy, pairs, it / "train", it / "adapter")
-        new = merge(s, policy, it / "adapter", it / "model")
-        answers = sample(s, new, tok, heldout, it / "eval_answers.jsonl", [0], greedy=True, desc="eval pi_%d" % (t + 1))
-        loss = float(np.mean([r["loss"] for r in log[-max(1, len(log) // 4):]])) if log else float("nan")
-        if parallel.is_main():  # with torchrun the others go on and wait in the next collective
-            res = evaluate(s, t, judge, tok, heldout, base_answers, answers, it / "eval.json", loss)
-            table.append(res)
-            data.write_jsonl(run_dir / "metrics.jsonl", table)
+        with stage(where, "train") as st:
+            log = train(s, tok, policy, pairs, it / "train", it / "adapter")
+            st["summary"] = f"{len(log)} steps, loss {log[0]['loss']:.4g} -> {log[-1]['loss']:.4g}" if log else "0 steps"
+        with stage(where, "merge") as st:
+            new = merge(s, policy, it / "adapter", it / "model")
+            st["summary"] = f"pi_{t + 1} in {new}"
+        with stage(where, "evaluate") as st:
+            answers = sample(s, new, tok, heldout, it / "eval_answers.jsonl", [0], greedy=True, desc="eval pi_%d" % (t + 1))
+            loss = float(np.mean([r["loss"] for r in log[-max(1, len(log) // 4):]])) if log else float("nan")
+            if parallel.is_main():  # with torchrun the others go on and wait in the next collective
+                export_alpaca_eval(it / "alpaca_eval" / "model_outputs.json", heldout, answers, f"{s.name}_sppo_iter{t + 1}")
+                res = evaluate(s, t, judge, tok, heldout, base_answers, answers, it / "eval.json", loss)
+                wr, ci = res["win_rate"]
+                st["summary"] = f"win rate vs pi_0 {wr:.3f} +/- {ci:.3f} on {res['n_eval']} prompts"
+                table.append(res)
+                data.write_jsonl(run_dir / "metrics.jsonl", table)
+                plot_metrics(run_dir, table)
         policy = new
     print_table(table, time.time() - t0)
     parallel.finish()
     return table
+
+
+def answers_summary(rows, what):
+    n = sum(len(r["response_ids"]) for r in rows)
+    tokens = sum(len(x) for r in rows for x in r["response_ids"])
+    return f"{n} {what}, {kilo(tokens)} tokens"
 
 
 def print_table(table, seconds):
@@ -605,8 +801,17 @@ def print_table(table, seconds):
     print(f"wall time {seconds / 60:.1f} min")
 
 
-if __name__ == "__main__":
+def main(argv=None):
+    """The command line: a bad input or a run that cannot go on is one line on stderr and exit
+    status 2, never a traceback."""
     try:
-        run(parse_args())
-    except (data.DataError, M.ModelError) as e:
-        sys.exit(f"error: {e}")
+        return run(parse_args(argv))
+    except (data.DataError, M.ModelError, RunError) as e:
+        for bar in list(getattr(tqdm, "_instances", [])):  # end the stopped stage's bar: the error gets its own line
+            bar.close()
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -112,7 +113,7 @@ def run_args(tiny, runs, name="r"):
             "--heldout", str(tiny_prompts(tiny / "heldout.jsonl", 4, "h")), "--runs-dir", str(runs), "--name", name,
             "--iters", "2", "--prompts-per-iter", "6", "--eval-prompts", "4", "--k", "3", "--max-new-tokens", "8",
             "--gen-batch", "2", "--batch-size", "2", "--epochs", "2", "--ckpt-every", "1", "--lora-r", "4",
-            "--device", "cpu", "--lr", "1e-2", "--eta", "2"]
+            "--device", "cpu", "--lr", "1e-2", "--eta", "2", "--judge-batch", "2"]
 
 
 def run_sppo(args, crash=None):
@@ -125,11 +126,12 @@ def run_sppo(args, crash=None):
 
 
 def artifacts(run):
-    """Every file a run leaves, by relative path -> bytes (safetensors compared by tensors)."""
+    """Every file a run leaves, by relative path -> bytes (safetensors compared by tensors).
+    Temporary files are not skipped: a resumed run must not leave any behind."""
     from safetensors.torch import load_file
     out = {}
     for f in sorted(run.rglob("*")):
-        if f.is_dir() or f.name in ("ckpt.pt",) or f.suffix == ".tmp":
+        if f.is_dir() or f.name in ("ckpt.pt",):
             continue
         rel = str(f.relative_to(run))
         if f.suffix == ".safetensors":
@@ -137,6 +139,15 @@ def artifacts(run):
         else:  # the run's own folder is named in some files (an adapter's base model path)
             out[rel] = f.read_bytes().replace(str(run.parent).encode(), b"<runs>")
     return out
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_setup, tmp_path_factory):
+    """One uninterrupted run (2 iterations), the reference for the kill-and-resume test."""
+    runs = tmp_path_factory.mktemp("ref")
+    r = run_sppo(run_args(tiny_setup, runs))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return runs / "r", r
 
 
 def test_sequence_logps_equal_transformers_log_probs_of_response_tokens(tiny_setup):
@@ -194,26 +205,57 @@ def test_reference_logps_are_frozen_and_differ_from_trained_policy(tiny_setup, t
     assert (now - stored).abs().max().item() > 1e-2, "policy still equals the reference: reference == policy bug"
 
 
-def test_end_to_end_two_iterations_resume_after_kills_gives_same_artifacts(tiny_setup, tmp_path):
-    clean = run_sppo(run_args(tiny_setup, tmp_path / "a"))
-    assert clean.returncode == 0, clean.stderr[-3000:]
-    run_a = tmp_path / "a" / "r"
+def test_end_to_end_two_iterations_leave_every_artifact(tiny_setup, reference_run):
+    run_a, clean = reference_run
     for t in (0, 1):
         for f in ("responses.jsonl", "judgments.jsonl", "pairs.jsonl", "adapter/adapter_model.safetensors",
-                  "model/config.json", "eval_answers.jsonl", "eval.json"):
+                  "model/config.json", "eval_answers.jsonl", "eval.json", "alpaca_eval/model_outputs.json"):
             assert (run_a / f"iter{t}" / f).exists(), f"iter{t}/{f}"
     metrics = [json.loads(x) for x in (run_a / "metrics.jsonl").read_text().splitlines()]
     assert [m["iter"] for m in metrics] == [0, 1]
     assert "| 2 |" in clean.stdout  # the final table
+    # a summary line per stage, e.g. "iter 1 generate: 18 responses, 0.1k tokens, 3 s"
+    for stage in ("generate", "judge", "pairs", "train", "merge", "evaluate"):
+        assert re.search(rf"^iter 1 {stage}: .*\d+ s$", clean.stdout, re.M), stage
+    assert re.search(r"^iter 0 generate: 18 responses, [\d.k]+ tokens, \d+ s$", clean.stdout, re.M)
+    assert re.search(r"^base generate: 4 held-out answers", clean.stdout, re.M)
+    # AlpacaEval's model_outputs.json: a list of {instruction, output, generator}, one per held-out prompt
+    heldout = [json.loads(x)["prompt"] for x in (tiny_setup / "heldout.jsonl").read_text().splitlines()]
+    for folder, answers, name in [(run_a, "eval_base.jsonl", "r_pi0"), (run_a / "iter1", "iter1/eval_answers.jsonl", "r_sppo_iter2")]:
+        out = json.loads((folder / "alpaca_eval" / "model_outputs.json").read_text())
+        greedy = [json.loads(x)["responses"][0] for x in (run_a / answers).read_text().splitlines()]
+        assert out == [{"instruction": p, "output": g, "generator": name} for p, g in zip(heldout, greedy)]
+    from PIL import Image
+    with Image.open(run_a / "metrics.png") as im:
+        assert im.format == "PNG" and im.size == (1000, 400)
 
-    args_b = run_args(tiny_setup, tmp_path / "b")
-    # counts are per process: base eval has 2 chunks, an iteration 3 + 2 (eval), training ~4-6 steps
-    for crash in ("generate:2", "train:3", "generate:4", "train:2"):
-        r = run_sppo(args_b, crash)
+
+# Kill points, in order, all in one run folder: each process resumes what the previous one left and is
+# SIGKILLed at its n-th resume point of a stage (counts are per process). Every stage is cut at least
+# once, generation at three places; one process per kill keeps the test near a minute on 2 cores.
+KILLS = ["generate:1",  # base held-out answers, after chunk 1 of 2
+         "generate:3",  # iteration 0 sampling, after chunk 2 of 3
+         "judge:2",     # iteration 0 judging, after batch 2 of 3
+         "pairs:1",     # iteration 0 reference log-probs, after batch 1 of 2
+         "train:2",     # iteration 0 training, after step 2 of 4
+         "merge:1",     # iteration 0 merge: the shard written, the folder not yet renamed into place
+         "generate:1",  # pi_1's held-out answers, after chunk 1 of 2
+         "evaluate:3",  # eval.json written (after 2 judged batches), metrics.jsonl / metrics.png not yet
+         "train:3",     # iteration 1 training, after step 3 of 4
+         ]
+
+
+def test_sigkill_at_every_stage_then_resume_gives_the_same_artifacts(tiny_setup, reference_run, tmp_path):
+    args = run_args(tiny_setup, tmp_path)
+    for crash in KILLS:
+        r = run_sppo(args, crash)
         assert r.returncode == -9, (crash, r.returncode, r.stderr[-2000:])
-    r = run_sppo(args_b)
+        for part in (tmp_path / "r").rglob("*.partial.jsonl"):  # a resumed chunk is never written twice
+            ids = [json.loads(x)["id"] for x in part.read_text().splitlines() if x.endswith("}")]
+            assert len(ids) == len(set(ids)), (crash, part)
+    r = run_sppo(args)
     assert r.returncode == 0, r.stderr[-3000:]
-    a, b = artifacts(run_a), artifacts(tmp_path / "b" / "r")
+    a, b = artifacts(reference_run[0]), artifacts(tmp_path / "r")
     assert sorted(a) == sorted(b)
     for k in a:
         assert a[k] == b[k], f"{k} differs after kill + resume"
@@ -225,5 +267,5 @@ def test_run_folder_refuses_different_settings(tiny_setup, tmp_path):
     run.mkdir()
     sppo.check_settings(s, run)
     s2 = sppo.parse_args(run_args(tiny_setup, tmp_path) + ["--eta", "3"])
-    with pytest.raises(SystemExit, match="eta=2.0, not 3.0"):
+    with pytest.raises(sppo.RunError, match="eta=2.0, not 3.0"):
         sppo.check_settings(s2, run)

@@ -1,0 +1,196 @@
+"""Failures a user meets: each is one line on stderr, exit status 2, no traceback, and nothing
+half-written. Covered elsewhere, not repeated here: how each malformed prompt file is parsed
+(tests/test_data.py::test_load_prompts_malformed, with 17 kinds of damage), loading errors naming
+the tensor (tests/test_model.py::test_loading_errors_name_tensor_and_file, test_missing_shard_is_named),
+SIGKILL at every stage (tests/test_sppo.py::test_sigkill_at_every_stage_then_resume_gives_the_same_artifacts)."""
+import copy
+import json
+import shutil
+
+import pytest
+import torch
+
+import data
+import model as M
+import sppo
+from tiny import make_tiny_chat_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fail")
+    make_tiny_chat_model(d / "model")
+    rows = [{"prompt": f"say something short number {i} please", "checks": [{"type": "no_digits"}]} for i in range(4)]
+    (d / "good.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
+def args(tiny, runs, **over):
+    a = {"model": tiny / "model", "prompts": tiny / "good.jsonl", "heldout": tiny / "good.jsonl", "runs-dir": runs,
+         "name": "r", "iters": 1, "k": 2, "max-new-tokens": 4, "device": "cpu", "lora-r": 4}
+    a.update(over)
+    return [x for k, v in a.items() for x in (f"--{k}", str(v))]
+
+
+def fails(capsys, argv):
+    """Run the command line in-process; -> its one stderr line (it must exit with status 2)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        sppo.main(argv)
+    assert e.value.code == 2
+    out = capsys.readouterr().err
+    err = out.rstrip("\n").split("\n")[-1]  # progress bars may come before it, each ended by a newline
+    assert err.startswith("error: ") and "\r" not in err and "Traceback" not in out, out
+    return err
+
+
+BAD_PROMPTS = [  # file name, bytes, what the message must say (file:line first)
+    ("malformed.jsonl", b'{"prompt": "a"}\n{"prompt": "b"\n', ":2: bad JSON"),
+    ("no_prompt.jsonl", b'{"prompt": "a"}\n{"text": "b"}\n', ":2: missing field 'prompt'"),
+    ("empty.jsonl", b"", ":1: file is empty"),
+    ("latin1.jsonl", '{"prompt": "caf\u00e9"}\n'.encode("latin-1"), ":1: not valid UTF-8"),
+]
+
+
+@pytest.mark.parametrize("name,content,says", BAD_PROMPTS, ids=[b[0] for b in BAD_PROMPTS])
+def test_bad_prompt_file_is_one_line_and_writes_nothing(tiny, tmp_path, capsys, name, content, says):
+    bad = tmp_path / name
+    bad.write_bytes(content)
+    for flag in ("prompts", "heldout"):
+        err = fails(capsys, args(tiny, tmp_path / "runs", **{flag: bad}))
+        assert err.startswith(f"error: {bad}{says}"), err
+    assert not (tmp_path / "runs").exists(), "a bad input must not leave a run folder behind"
+
+
+def test_prompt_longer_than_max_is_an_error_or_truncated_or_skipped(tiny, tmp_path, capsys):
+    long = "please count " + " ".join(["one two three four five"] * 20) + " and then say the last word"
+    p = tmp_path / "p.jsonl"
+    p.write_text(json.dumps({"prompt": "short one"}) + "\n" + json.dumps({"prompt": long}) + "\n")
+    err = fails(capsys, args(tiny, tmp_path / "runs", prompts=p, **{"max-prompt-len": 40}))
+    assert err.startswith(f"error: {p}:2: prompt is ") and "--long-prompts" in err, err
+    assert not (tmp_path / "runs").exists()
+
+    tok = data.Tokenizer.from_dir(tiny / "model")
+    rows, _ = data.load_prompts(p)
+    full = len(tok.encode_chat(rows[1]["messages"]))
+    assert full > 40
+    s = sppo.parse_args(args(tiny, tmp_path, **{"max-prompt-len": 40, "long-prompts": "skip"}))
+    kept, n = sppo.fit_prompts(s, tok, rows)
+    assert n == 1 and [r["prompt"] for r in kept] == ["short one"]
+    s.long_prompts = "truncate"
+    kept, n = sppo.fit_prompts(s, tok, rows)
+    assert n == 1 and kept[0] == rows[0] and kept[1]["id"] == rows[1]["id"]
+    cut = kept[1]["prompt"]
+    # it fits, lost as little as a token or two more than needed, and kept the request's end
+    assert 38 <= len(tok.encode_chat(kept[1]["messages"])) <= 40
+    assert long.endswith(cut) and cut.endswith("and then say the last word")
+    assert kept[1]["messages"] == [{"role": "user", "content": cut}] and kept[1]["full_prompt"] == long
+
+
+def model_copy(tiny, tmp_path):
+    d = tmp_path / "model"
+    shutil.copytree(tiny / "model", d)
+    return d
+
+
+def test_shard_named_in_index_but_missing(tiny, tmp_path, capsys):
+    d = model_copy(tiny, tmp_path)
+    from safetensors import safe_open
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    (d / "model.safetensors").rename(d / "model-00001-of-00002.safetensors")
+    weight_map = {n: "model-00001-of-00002.safetensors" for n in names}
+    weight_map[names[-1]] = "model-00002-of-00002.safetensors"
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    err = fails(capsys, args(tiny, tmp_path / "runs", model=d))
+    assert f"{d}/model.safetensors.index.json: shard model-00002-of-00002.safetensors" in err and names[-1] in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_corrupt_safetensors_header(tiny, tmp_path, capsys):
+    d = model_copy(tiny, tmp_path)
+    raw = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes((10 ** 12).to_bytes(8, "little") + raw[8:])  # header length garbage
+    err = fails(capsys, args(tiny, tmp_path / "runs", model=d))
+    assert err.startswith(f"error: {d}/model.safetensors: cannot read safetensors header"), err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unsupported_architecture(tiny, tmp_path, capsys):
+    d = model_copy(tiny, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["architectures"] = ["Qwen2MoeForCausalLM"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    err = fails(capsys, args(tiny, tmp_path / "runs", model=d))
+    assert err.startswith(f"error: {d}/config.json: architecture 'Qwen2MoeForCausalLM' is not supported"), err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_run_folder_made_with_other_settings_is_refused(tiny, tmp_path, capsys):
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    sppo.check_settings(sppo.parse_args(args(tiny, tmp_path / "runs")), run)
+    before = (run / "settings.json").read_bytes()
+    err = fails(capsys, args(tiny, tmp_path / "runs", temperature=0.9))
+    assert "settings.json: this run was made with temperature=0.7, not 0.9" in err, err
+    assert (run / "settings.json").read_bytes() == before
+    assert sorted(p.name for p in run.iterdir()) == ["settings.json"]
+
+
+# ----------------------------------------------------------------------------- training and memory
+
+def synthetic_pairs(n, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda k: torch.randint(3, vocab, (k,), generator=g).tolist()
+    return [{"id": str(i), "prompt_ids": ids(6), "chosen_ids": ids(5), "rejected_ids": ids(4), "chosen_probs": 0.8,
+             "chosen_probs_win": 0.7, "chosen_probs_lose": 0.3, "ref_chosen_logp": -30.0, "ref_rejected_logp": -25.0}
+            for i in range(n)]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path, capsys, monkeypatch):
+    argv = args(tiny, tmp_path, **{"batch-size": 1, "epochs": 1, "ckpt-every": 1, "lr": 1e-2})
+    s = sppo.parse_args(argv)
+    tok = data.Tokenizer.from_dir(tiny / "model")
+    pairs = synthetic_pairs(5, tok.vocab_size)
+    # The clean run, every checkpoint it saves recorded: the reference for "last good".
+    saved = {}
+    real_save = sppo.save_atomic
+    # (deep copies: on CPU the saved tensors are the live parameters)
+    monkeypatch.setattr(sppo, "save_atomic", lambda path, st: (saved.__setitem__(st["step"], copy.deepcopy(st)),
+                                                               real_save(path, st)))
+    for d in ("clean", "bad"):
+        (tmp_path / d / "train").mkdir(parents=True)
+    sppo.train(s, tok, tiny / "model", pairs, tmp_path / "clean" / "train", tmp_path / "clean" / "adapter")
+    assert sorted(saved) == [1, 2, 3, 4, 5]
+    monkeypatch.setattr(sppo, "save_atomic", real_save)
+    # the pair the 4th optimizer step uses gets an infinite reference log-prob: its loss is inf
+    order = torch.randperm(5, generator=torch.Generator().manual_seed(s.seed * 1000)).tolist()
+    bad = [dict(p) for p in pairs]
+    bad[order[3]]["ref_chosen_logp"] = float("inf")
+    # through the command line: the training stage of a run is this train() call
+    monkeypatch.setattr(sppo, "run", lambda s: sppo.train(s, tok, tiny / "model", bad, tmp_path / "bad" / "train",
+                                                           tmp_path / "bad" / "adapter"))
+    msg = fails(capsys, argv)
+    assert "training loss is inf at step 4" in msg and "(step 3) is kept" in msg, msg
+    assert not (tmp_path / "bad" / "adapter").exists()
+    kept = torch.load(tmp_path / "bad" / "train" / "ckpt.pt")
+    assert kept["step"] == 3 and kept["log"] == saved[3]["log"]
+    for a, b in zip(kept["lora"], saved[3]["lora"]):
+        assert torch.isfinite(a).all() and torch.equal(a, b)
+    assert any(not torch.equal(a, b) for a, b in zip(kept["lora"], saved[4]["lora"]))  # 3 is not just "the last"
+
+
+@pytest.mark.parametrize("stage,flag", [("sample", "--gen-batch"), ("train", "--batch-size")])
+def test_out_of_gpu_memory_names_the_flag_to_lower(tiny, tmp_path, capsys, monkeypatch, stage, flag):
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\n(a second line)")
+
+    answers = lambda s, pol, tok, rows, *a, **k: [{"id": r["id"], "responses": ["x"] * 2, "response_ids": [[5]] * 2}
+                                                  for r in rows]
+    monkeypatch.setattr(sppo, "sample", oom if stage == "sample" else answers)
+    monkeypatch.setattr(sppo, "judge_responses", lambda s, j, tok, rows, *a: [{"id": r["id"]} for r in rows])
+    monkeypatch.setattr(sppo, "make_pairs", lambda *a: [])
+    monkeypatch.setattr(sppo, "train", oom)
+    err = fails(capsys, args(tiny, tmp_path / "runs"))
+    where = "base generate" if stage == "sample" else "iter 0 train"
+    assert err.startswith(f"error: out of GPU memory in {where}: lower {flag}"), err
