@@ -220,6 +220,7 @@ def real_tokens(b, pairs, pad, dev):
 def timed_steps(b, dev, step, tokens):
     """One warm-up step (it also allocates the optimizer state), then b.steps timed ones.
     Peak memory counts from just after loading: weights, optimizer state, activations."""
+    release_freed(dev)
     reset_peak(dev)
     base = current_mib(dev) if dev.type == "cpu" else 0.0
     times = []
@@ -236,6 +237,16 @@ def timed_steps(b, dev, step, tokens):
 def sync(dev):
     if dev.type == "cuda":
         torch.cuda.synchronize()
+
+
+def release_freed(dev):
+    """Give loading's freed heap back to the OS (glibc keeps it otherwise), so the peak counts
+    what training holds, not what the loader once held; the same for both stacks."""
+    import ctypes
+    import gc
+    gc.collect()
+    if dev.type == "cpu" and sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def reset_peak(dev):

@@ -1,6 +1,4 @@
 """bench.py on a tiny random model: both stacks run, compute the same thing, and the table is whole."""
-import dataclasses
-
 import pytest
 import torch
 
@@ -12,7 +10,7 @@ from tiny import make_tiny_chat_model
 def tiny(tmp_path_factory):
     path = make_tiny_chat_model(tmp_path_factory.mktemp("bench") / "m")
     return bench.Bench(model=str(path), rows=2, seq_len=48, gen_tokens=4, gen_batches=(1, 3), steps=1, repeats=1,
-                       threads=1)
+                       train_rounds=1, threads=1)
 
 
 def test_both_stacks_score_the_same_log_probs(tiny):
@@ -30,14 +28,8 @@ def test_both_stacks_score_the_same_log_probs(tiny):
     assert (ours - full).abs().max().item() > 1e-2  # the 4-bit rows really are 4-bit
 
 
-def test_training_steps_learn_on_both_stacks_and_report_memory(tiny):
-    dev = torch.device("cpu")
-    for fn in (bench.train_ours, bench.train_theirs):
-        r = fn(tiny, dev)
-        assert r["tokens_per_s"] > 0 and r["peak_mib"] >= r["rss_after_load_mib"] > 0
-
-
 def test_table_has_every_row_and_judges_targets(tiny):
+    """Every measurement of both stacks (in this process, not children, to stay fast)."""
     dev = torch.device("cpu")
     rows, inf = bench.measure(tiny, dev, log=lambda *a: None, run=lambda b, what, d: bench.WORKERS[what](b, d))
     names = list(rows)
@@ -45,6 +37,7 @@ def test_table_has_every_row_and_judges_targets(tiny):
                  "sampling batch 1, tokens/s", "sampling batch 3, tokens/s"):
         assert want in names
     assert inf["logp_max_abs_diff"] <= 1e-3
+    assert all(a > 0 and t > 0 for a, t in rows.values())
     text = bench.table(rows)
     assert text.count("\n") == len(rows) + 1
     # targets compare the ratio: 2x the speed meets ">= 1.5x", 2x the memory misses "<= 1.0x"
