@@ -13,7 +13,7 @@ Every measurement runs in a child process (a training step's peak memory must no
 other stack's), ours and theirs alternate, and the table shows medians over the repeats, so
 the ratio stays fair on a busy machine.
 
-    python bench.py --quick       # a minute or two on the embedded SmolLM2-135M on CPU
+    python bench.py --quick       # small shapes: a few minutes on the embedded SmolLM2-135M on a 2-core CPU
     python bench.py               # the full run; with CUDA also a Llama-3-8B-shaped model
 """
 import argparse
@@ -405,6 +405,7 @@ def random_theirs(dev, quantized):
     c = llama3_8b()
     hf = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.ffn_dim, num_hidden_layers=c.n_layers,
                      num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, rope_theta=c.rope_theta,
+                     rms_norm_eps=c.norm_eps, head_dim=c.head_dim,
                      max_position_embeddings=c.max_seq_len, tie_word_embeddings=False, torch_dtype=dtype_of(dev),
                      attn_implementation="sdpa")
     with init_empty_weights():

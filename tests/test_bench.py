@@ -43,3 +43,20 @@ def test_table_has_every_row_and_judges_targets(tiny):
     # targets compare the ratio: 2x the speed meets ">= 1.5x", 2x the memory misses "<= 1.0x"
     t = bench.table({"sampling batch 16, tokens/s": (200.0, 100.0), "training step, peak memory MiB": (200.0, 100.0)})
     assert "| 2.00x | >= 1.5x | yes |" in t and "| 2.00x | <= 1.0x | NO |" in t
+
+
+def test_random_llama_path_builds_the_same_model_in_both_stacks(monkeypatch):
+    """The GPU-only Llama-3-8B rows build random weights layer by layer in each stack; on a tiny
+    config here (CPU, float32), both stacks must hold the same model: equal scoring log-probs."""
+    import model as M
+    monkeypatch.setattr(bench, "llama3_8b", lambda: M.Config(vocab_size=256, dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
+                                                             head_dim=32, ffn_dim=256, rope_theta=500000.0))
+    b = bench.Bench(model=bench.LLAMA3_8B, rows=2, seq_len=48)
+    dev = torch.device("cpu")
+    vocab, pad = bench.vocab_and_pad(b)
+    ids, resp, attn = bench.batch_tensors(b, bench.make_pairs(b, vocab, pad), pad, dev)
+    ours = bench.score_ours(bench.load_ours(b, dev, quantized=True), ids, resp)
+    theirs = bench.score_theirs(bench.load_theirs(b, dev, quantized=True).train(), ids, resp, attn)
+    assert (ours - theirs).abs().max().item() <= 1e-3
+    full = bench.score_theirs(bench.load_theirs(b, dev, quantized=False), ids, resp, attn)
+    assert (bench.score_ours(bench.load_ours(b, dev, quantized=False), ids, resp) - full).abs().max().item() <= 1e-3
