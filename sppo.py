@@ -314,13 +314,39 @@ def pair_tensors(pairs, s, pad_id, device):
     return ids, mask
 
 
+def length_groups(lengths, waste=0.15):
+    """Row indices grouped, longest first, so that padding each group to its longest row adds at
+    most `waste` of its real tokens: a padded position costs the model as much as a real one,
+    and the rows of a pair batch vary threefold in length (bench.py: ~20% faster scoring)."""
+    groups = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        g = groups[-1] if groups else []
+        if g and (len(g) + 1) * lengths[g[0]] <= (1 + waste) * (sum(lengths[j] for j in g) + lengths[i]):
+            g.append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 def sequence_logps(model, ids, resp_mask, micro_batches=1):
     """sum_t log pi(y_t | x, y_<t) over each row's response tokens (prompt tokens masked).
 
-    The LM head runs only where a response token is predicted: with a 49k-128k vocabulary the
-    logits of prompt and padding positions would cost as much as the rest of the model.
-    Split over devices, the hidden states come from the pipeline (pipeline.hidden_states)
-    and the head runs on the last device."""
+    Right-padded rows run in groups of similar length, each cut to its longest row, so little
+    time goes to padding (length_groups)."""
+    ends = (resp_mask.long() * torch.arange(1, ids.shape[1] + 1, device=ids.device)).amax(1).clamp(min=1).tolist()
+    groups = length_groups(ends)
+    if len(groups) == 1:
+        return group_logps(model, ids[:, :max(ends)], resp_mask[:, :max(ends)], micro_batches)
+    parts = [group_logps(model, ids[g, :ends[g[0]]], resp_mask[g, :ends[g[0]]], micro_batches) for g in groups]
+    order = torch.tensor([i for g in groups for i in g], device=parts[0].device)
+    return torch.cat(parts)[order.argsort()]
+
+
+def group_logps(model, ids, resp_mask, micro_batches):
+    """sequence_logps of one group. The LM head runs only where a response token is predicted:
+    with a 49k-128k vocabulary the logits of prompt and padding positions would cost as much as
+    the rest of the model. Split over devices, the hidden states come from the pipeline
+    (pipeline.hidden_states) and the head runs on the last device."""
     h = pipeline.hidden_states(model, ids, micro_batches)[:, :-1]
     ids, resp_mask = ids.to(h.device), resp_mask.to(h.device)
     where = resp_mask[:, 1:]

@@ -138,6 +138,21 @@ def test_top_k_and_top_p_keep_only_allowed_tokens():
     assert int(M.sample_next(logits, 0.0)) == 0
 
 
+def test_top_p_on_flat_distributions_keeps_transformers_nucleus():
+    """Nuclei wider than the top 64 and than the top 1024 (the two cheap tiers before a full
+    sort): samples stay inside transformers' TopPLogitsWarper nucleus and reach past each tier."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+    g = torch.Generator().manual_seed(0)
+    for width, tier in ((100, 64), (1000, 1024)):  # p_i ~ exp(-i / width): nucleus ~ 2.3 width
+        logits = (-torch.arange(8000.0) / width)[torch.randperm(8000, generator=g)][None].repeat(64, 1)
+        kept = set(torch.isfinite(TopPLogitsWarper(0.9)(None, logits.clone()))[0].nonzero()[:, 0].tolist())
+        rank = {int(t): r for r, t in enumerate(logits[0].argsort(descending=True))}
+        got = set()
+        for _ in range(10):
+            got |= set(M.sample_next(logits, 1.0, top_p=0.9, generator=g).tolist())
+        assert got <= kept and max(rank[t] for t in got) >= tier
+
+
 def test_config_refuses_other_architectures(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPTNeoXForCausalLM"]}))
     with pytest.raises(M.ModelError, match="GPTNeoXForCausalLM"):

@@ -1,0 +1,552 @@
+"""bench.py: our stack side by side with what users would run instead, in one run.
+
+"Theirs" is what TRL runs underneath: transformers' AutoModelForCausalLM loaded in 4 bits
+through BitsAndBytesConfig (NF4, double quant), peft LoRA r=16 on all seven linears, and
+transformers' generate. Same model, same data, same dtype, same threads. Rows:
+
+  training step   SPPO loss on a batch of pairs (sequence <= 256): forward of chosen + rejected,
+                  backward, AdamW step; tokens/s and peak memory
+  scoring         reference log-probs (no grad, sum over response tokens); tokens/s
+  sampling        tokens/s at batch 1 and 16, temperature/top-p sampling, no early stop
+
+Every measurement runs in a child process (a training step's peak memory must not include the
+other stack's), ours and theirs alternate, and the table shows medians over the repeats, so
+the ratio stays fair on a busy machine.
+
+    python bench.py --quick       # small shapes: a few minutes on the embedded SmolLM2-135M on a 2-core CPU
+    python bench.py               # the full run; with CUDA also a Llama-3-8B-shaped model
+"""
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import model as M  # noqa: E402
+import quant  # noqa: E402
+import sppo  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+LLAMA3_8B = "llama3-8b-random"  # --model value: Llama-3-8B shapes, random weights (GPU only)
+
+
+@dataclass
+class Bench:
+    model: str = ""            # HF folder, or LLAMA3_8B; "" = the embedded SmolLM2-135M-Instruct
+    device: str = ""           # cpu or cuda; "" = cuda when available
+    rows: int = 8              # pairs per training/scoring batch (2 x rows sequences)
+    seq_len: int = 256         # longest prompt + response
+    gen_tokens: int = 64       # new tokens per sampled row
+    gen_batches: tuple = (1, 16)
+    steps: int = 3             # timed training steps per child process (after one warm-up step)
+    repeats: int = 3           # scoring/sampling rounds, ours and theirs alternating; the table has medians
+    train_rounds: int = 3      # training rounds: a fresh child process per stack per round
+    threads: int = 0           # torch threads in every child; 0 = this machine's default
+    temperature: float = 0.7
+    top_p: float = 0.9
+    lora_r: int = 16
+    seed: int = 0
+
+
+def quick(b: Bench) -> Bench:
+    """A minute or two on a quiet 2-core CPU: the shapes shrink, so the ratios are indicative only."""
+    return dataclasses.replace(b, rows=1, seq_len=128, gen_tokens=16, steps=1, repeats=2, train_rounds=1)
+
+
+def device_of(b):
+    return torch.device(b.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def dtype_of(dev):
+    return torch.bfloat16 if dev.type == "cuda" else torch.float32  # as sppo.compute_dtype
+
+
+# ----------------------------------------------------------------------------- data (same for both)
+
+def make_pairs(b, vocab, pad_id):
+    """rows random pairs: prompts of 48-128 tokens, responses filling up to seq_len, lengths varied
+    (so padding costs what it costs in a real batch), and the longest sequence exactly seq_len."""
+    g = torch.Generator().manual_seed(b.seed)
+    ri = lambda lo, hi: int(torch.randint(lo, hi + 1, (), generator=g))
+    ids = lambda n: torch.randint(0, vocab, (n,), generator=g).tolist()
+    pairs = []
+    for i in range(b.rows):
+        p = ri(min(48, b.seq_len // 4), min(128, b.seq_len // 2))
+        chosen = b.seq_len - p if i == 0 else ri((b.seq_len - p) // 3, b.seq_len - p)
+        pairs.append({"prompt_ids": ids(p), "chosen_ids": ids(chosen), "rejected_ids": ids(ri((b.seq_len - p) // 3, b.seq_len - p)),
+                      "ref_chosen_logp": -300.0, "ref_rejected_logp": -310.0,
+                      "chosen_probs_win": 0.7, "chosen_probs_lose": 0.3, "chosen_probs": 0.6})
+    return pairs
+
+
+def train_settings(b):
+    """sppo's own Settings for these pairs: nothing is truncated, the loss is SPPO's."""
+    return sppo.Settings(max_len=b.seq_len, max_prompt_len=b.seq_len, batch_size=b.rows, lora_r=b.lora_r)
+
+
+def batch_tensors(b, pairs, pad_id, dev):
+    """ids, response mask (sppo.pair_tensors) and the attention mask transformers is given."""
+    ids, resp = sppo.pair_tensors(pairs, train_settings(b), pad_id, dev)
+    last = (resp.long() * torch.arange(ids.shape[1], device=dev)).argmax(1, keepdim=True)
+    attn = torch.arange(ids.shape[1], device=dev)[None] <= last
+    return ids, resp, attn
+
+
+def prompts_for_sampling(b, vocab, batch):
+    """The first prompts of prompts/train.jsonl in the model's chat template (what sppo.sample
+    feeds it: real prompts give the peaked next-token distributions top-p sampling meets in
+    practice); random ids for a model without a tokenizer."""
+    if b.model != LLAMA3_8B and (model_dir(b) / "tokenizer.json").exists():
+        import data
+        tok = data.Tokenizer.from_dir(model_dir(b))
+        rows, _ = data.load_prompts(HERE / "prompts/train.jsonl")
+        return [tok.encode_chat(sppo.messages_of(r)) for r in rows[:batch]]
+    g = torch.Generator().manual_seed(b.seed + batch)
+    return [torch.randint(0, vocab, (int(torch.randint(16, 65, (), generator=g)),), generator=g).tolist()
+            for _ in range(batch)]
+
+
+# ----------------------------------------------------------------------------- loading
+
+def model_dir(b):
+    return Path(b.model) if b.model and b.model != LLAMA3_8B else M.embedded_model_dir()
+
+
+def load_ours(b, dev, quantized):
+    if b.model == LLAMA3_8B:
+        return random_ours(dev, quantized)
+    if quantized:
+        return quant.quantize_model(model_dir(b), dtype_of(dev), dev)
+    return M.load_model(model_dir(b), dtype_of(dev), dev)
+
+
+def bnb_config(dev):
+    from transformers import BitsAndBytesConfig
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype_of(dev))
+
+
+def load_theirs(b, dev, quantized):
+    """transformers' model as a user loads it: 4-bit through BitsAndBytesConfig, or plain."""
+    from transformers import AutoModelForCausalLM
+    if b.model == LLAMA3_8B:
+        return random_theirs(dev, quantized)
+    kw = {"quantization_config": bnb_config(dev), "device_map": str(dev)} if quantized else {}
+    m = AutoModelForCausalLM.from_pretrained(model_dir(b), dtype=dtype_of(dev), attn_implementation="sdpa", **kw)
+    return m.to(dev) if not quantized else m
+
+
+def vocab_and_pad(b):
+    if b.model == LLAMA3_8B:
+        return llama3_8b().vocab_size, 0
+    cfg = json.loads((model_dir(b) / "config.json").read_text())
+    return cfg["vocab_size"], cfg.get("eos_token_id") or 0
+
+
+# ----------------------------------------------------------------------------- 1. training step
+
+def their_logps(model, ids, resp, attn):
+    """TRL's concatenated forward: logits at every position, then selective_log_softmax
+    (trl.trainer.utils: gather minus logsumexp, one row at a time to bound memory)."""
+    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
+    labels = ids[:, 1:]
+    per_token = torch.stack([lg.float().gather(-1, lb[:, None]).squeeze(-1) - torch.logsumexp(lg.float(), -1)
+                             for lg, lb in zip(logits, labels)])
+    return (per_token * resp[:, 1:]).sum(-1)
+
+
+def train_ours(b, dev):
+    torch.manual_seed(b.seed)
+    m = load_ours(b, dev, quantized=True)
+    quant.add_lora(m, quant.LoRAConfig(r=b.lora_r))
+    m.train()
+    params = list(quant.lora_params(m).values())
+    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
+    vocab, pad = vocab_and_pad(b)
+    pairs, s = make_pairs(b, vocab, pad), train_settings(b)
+
+    def step():  # sppo.train's inner loop, micro-batch = the whole batch
+        sppo.train_step(m, pairs, s, pad, dev).backward()
+        torch.nn.utils.clip_grad_norm_(params, s.clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return timed_steps(b, dev, step, real_tokens(b, pairs, pad, dev))
+
+
+def train_theirs(b, dev):
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(b.seed)
+    m = load_theirs(b, dev, quantized=True)
+    m = get_peft_model(m, LoraConfig(r=b.lora_r, lora_alpha=2 * b.lora_r, lora_dropout=0.0, target_modules=list(quant.LINEARS),
+                                     task_type="CAUSAL_LM"))
+    m.train()
+    params = [p for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
+    vocab, pad = vocab_and_pad(b)
+    pairs, s = make_pairs(b, vocab, pad), train_settings(b)
+    ids, resp, attn = batch_tensors(b, pairs, pad, dev)
+    n = len(pairs)
+    f = lambda key: torch.tensor([p[key] for p in pairs], device=dev)
+
+    def step():
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):  # Trainer's bf16=True
+            logps = their_logps(m, ids, resp, attn)
+        loss = sppo.preference_loss("sppo", logps[:n], logps[n:], f("ref_chosen_logp"), f("ref_rejected_logp"),
+                                    f("chosen_probs_win"), f("chosen_probs_lose"), f("chosen_probs"), s.eta, s.beta)
+        loss.mean().backward()
+        torch.nn.utils.clip_grad_norm_(params, s.clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return timed_steps(b, dev, step, real_tokens(b, pairs, pad, dev))
+
+
+def real_tokens(b, pairs, pad, dev):
+    return int(batch_tensors(b, pairs, pad, dev)[2].sum())
+
+
+def timed_steps(b, dev, step, tokens):
+    """One warm-up step (it also allocates the optimizer state), then b.steps timed ones.
+    Peak memory counts from just after loading: weights, optimizer state, activations."""
+    release_freed(dev)
+    reset_peak(dev)
+    base = current_mib(dev) if dev.type == "cpu" else 0.0
+    times = []
+    for i in range(1 + b.steps):
+        sync(dev)
+        t = time.perf_counter()
+        step()
+        sync(dev)
+        if i:
+            times.append(time.perf_counter() - t)
+    return {"tokens_per_s": tokens / statistics.median(times), "peak_mib": peak_mib(dev), "rss_after_load_mib": base}
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def release_freed(dev):
+    """Give loading's freed heap back to the OS (glibc keeps it otherwise), so the peak counts
+    what training holds, not what the loader once held; the same for both stacks."""
+    import ctypes
+    import gc
+    gc.collect()
+    if dev.type == "cpu" and sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def reset_peak(dev):
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:  # Linux: "5" resets the process's peak resident set size (VmHWM) to the current one
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def proc_status_mib(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+
+
+def current_mib(dev):
+    return torch.cuda.memory_allocated() / 2**20 if dev.type == "cuda" else proc_status_mib("VmRSS")
+
+
+def peak_mib(dev):
+    """CUDA: the allocator's peak. CPU: the process's peak resident memory (whole process:
+    interpreter, libraries, weights, optimizer, activations), each stack in its own process."""
+    return torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else proc_status_mib("VmHWM")
+
+
+# ----------------------------------------------------------------------------- 2-3. scoring and sampling
+
+def score_ours(m, ids, resp):
+    with torch.no_grad():
+        return sppo.sequence_logps(m, ids, resp)
+
+
+def score_theirs(m, ids, resp, attn):
+    with torch.no_grad():
+        return their_logps(m, ids, resp, attn)
+
+
+def sample_ours(b, m, prompts, pad):
+    out = M.generate(m, prompts, b.gen_tokens, b.temperature, b.top_p, stop_ids=(), seed=b.seed, pad_id=pad)
+    return sum(map(len, out))
+
+
+def sample_theirs(b, m, prompts, pad, dev):
+    T = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (T - len(p)) + p for p in prompts], device=dev)
+    attn = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], device=dev)
+    torch.manual_seed(b.seed)
+    # eos_token_id=None: no early stop, as ours with no stop ids; top_k=0: transformers' default is 50
+    out = m.generate(ids, attention_mask=attn, do_sample=True, temperature=b.temperature, top_p=b.top_p, top_k=0,
+                     max_new_tokens=b.gen_tokens, eos_token_id=None, pad_token_id=pad)
+    return (out.shape[1] - T) * out.shape[0]
+
+
+def inference(b, dev):
+    """Scoring and sampling for both stacks in one process, alternating ours/theirs each round."""
+    vocab, pad = vocab_and_pad(b)
+    ids, resp, attn = batch_tensors(b, make_pairs(b, vocab, pad), pad, dev)
+    tokens = int(attn.sum())
+    ours_q, theirs_q = load_ours(b, dev, True), load_theirs(b, dev, True)
+    # Kept in train mode (no dropout in Llama, and no grad here): in eval mode on AVX512-BF16 CPUs
+    # bitsandbytes repacks the 4-bit weights for a kernel that computes in bf16, not the compute
+    # dtype asked for. The "same computation" rows use fp32 on both sides; the extra row below
+    # shows what that bf16 kernel gives.
+    theirs_q.train()
+    lp_ours, lp_theirs = score_ours(ours_q, ids, resp), score_theirs(theirs_q, ids, resp, attn)  # also warm-ups
+    jobs = {"scoring": (lambda: score_ours(ours_q, ids, resp), lambda: score_theirs(theirs_q, ids, resp, attn))}
+    results = {}
+    measure_rounds(b, dev, jobs, results, lambda out: tokens)
+    if dev.type == "cpu" and bf16_cpu_kernel():
+        theirs_q.eval()
+        score_theirs(theirs_q, ids, resp, attn)  # repacks
+        jobs = {"scoring, theirs in eval mode (bnb bf16 CPU kernel)": jobs["scoring"]}
+        measure_rounds(b, dev, jobs, results, lambda out: tokens)
+    del ours_q, theirs_q
+    ours_f, theirs_f = load_ours(b, dev, False), load_theirs(b, dev, False).eval()
+    jobs = {}
+    for n in b.gen_batches:
+        prompts = prompts_for_sampling(b, vocab, n)
+        jobs[f"sampling batch {n}"] = (lambda p=prompts: sample_ours(b, ours_f, p, pad),
+                                       lambda p=prompts: sample_theirs(b, theirs_f, p, pad, dev))
+    rows = {n * b.gen_tokens for n in b.gen_batches}
+    short = dataclasses.replace(b, gen_tokens=2)
+    for n in b.gen_batches:  # warm-up: a 2-token run of each
+        p = prompts_for_sampling(b, vocab, n)
+        sample_ours(short, ours_f, p, pad), sample_theirs(short, theirs_f, p, pad, dev)
+
+    def count(n_new):  # both stacks must sample every token asked for: no early stop
+        if n_new not in rows:
+            raise RuntimeError(f"sampling: {n_new} new tokens, not batch x {b.gen_tokens}: a stack stopped early")
+        return n_new
+    measure_rounds(b, dev, jobs, results, count)
+    return {"rates": results, "logp_max_abs_diff": (lp_ours.float() - lp_theirs.float()).abs().max().item(),
+            "logp_scale": lp_ours.abs().max().item()}
+
+
+def bf16_cpu_kernel():
+    from bitsandbytes.functional import has_avx512bf16
+    return has_avx512bf16()
+
+
+def measure_rounds(b, dev, jobs, results, count):
+    """tokens/s of each job's two sides, ours and theirs alternating which goes first."""
+    for r in range(b.repeats):
+        for name, (a, t) in jobs.items():
+            print(f"{time.strftime('%X')} {name}, round {r + 1}", file=sys.stderr, flush=True)
+            order = [("ours", a), ("theirs", t)] if r % 2 == 0 else [("theirs", t), ("ours", a)]
+            for who, fn in order:
+                sync(dev)
+                t0 = time.perf_counter()
+                n = count(fn())
+                sync(dev)
+                results.setdefault(name, {"ours": [], "theirs": []})[who].append(n / (time.perf_counter() - t0))
+
+
+# ----------------------------------------------------------------------------- Llama-3-8B shapes, random weights
+# UNTESTED on the CPU-only machine this was written on: it runs only when CUDA is available.
+
+def llama3_8b():
+    return M.Config(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
+                    ffn_dim=14336, rope_theta=500000.0)
+
+
+def random_tensors(cfg, dtype, dev):
+    """HF-named tensors of a random Llama, one at a time, identical for both stacks (seeded per name)."""
+    with torch.device("meta"):
+        skeleton = M.Transformer(cfg)
+    for i, (name, p) in enumerate(skeleton.named_parameters()):
+        g = torch.Generator(device=dev).manual_seed(i)
+        t = torch.ones(p.shape, dtype=dtype, device=dev) if "norm" in name else \
+            torch.randn(p.shape, dtype=dtype, device=dev, generator=g) * 0.02
+        yield "model." + name if name != "lm_head.weight" else name, t
+
+
+def random_ours(dev, quantized):
+    cfg = llama3_8b()
+    with torch.device("meta"):
+        m = M.Transformer(cfg)
+    for name, t in random_tensors(cfg, dtype_of(dev), dev):
+        mod_name, _, leaf = M.hf_name(name).rpartition(".")
+        parent, _, child = mod_name.rpartition(".")
+        if quantized and child in quant.LINEARS:
+            setattr(m.get_submodule(parent), child, quant.NF4Linear(t, dtype_of(dev)))
+        else:
+            setattr(m.get_submodule(mod_name), leaf, torch.nn.Parameter(t, requires_grad=False))
+    m.inv_freq = M.rope_inv_freq(cfg).to(dev)
+    return m.eval()
+
+
+def random_theirs(dev, quantized):
+    import bitsandbytes as bnb
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.integrations import replace_with_bnb_linear
+    c = llama3_8b()
+    hf = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.ffn_dim, num_hidden_layers=c.n_layers,
+                     num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, rope_theta=c.rope_theta,
+                     rms_norm_eps=c.norm_eps, head_dim=c.head_dim,
+                     max_position_embeddings=c.max_seq_len, tie_word_embeddings=False, torch_dtype=dtype_of(dev),
+                     attn_implementation="sdpa")
+    with init_empty_weights():
+        m = LlamaForCausalLM(hf)
+    if quantized:  # what from_pretrained does with a BitsAndBytesConfig, one layer at a time
+        m = replace_with_bnb_linear(m, modules_to_not_convert=["lm_head"], quantization_config=bnb_config(dev))
+        m.is_loaded_in_4bit = True
+    for name, t in random_tensors(c, dtype_of(dev), dev):
+        mod_name, _, leaf = name.rpartition(".")
+        if quantized and mod_name.rpartition(".")[2] in quant.LINEARS:
+            mod = m.get_submodule(mod_name)
+            mod.weight = bnb.nn.Params4bit(t.cpu(), requires_grad=False, quant_type="nf4", compress_statistics=True,
+                                           blocksize=64).to(dev)
+        else:
+            set_module_tensor_to_device(m, name, dev, value=t)
+    m.model.rotary_emb = type(m.model.rotary_emb)(hf, device=dev)
+    return m.eval()
+
+
+# ----------------------------------------------------------------------------- driver
+
+def child(b, what, dev):
+    """Run one measurement in a fresh process and return its result."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", what, "--config", json.dumps(dataclasses.asdict(b)),
+           "--device", str(dev)]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    if p.returncode or not lines:
+        sys.exit(f"error: bench worker {what} failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def worker(b, what, dev):
+    """One measurement in this (child) process. Both stacks import the same libraries first, and
+    memory is counted above what they take, so the memory row compares models and training only."""
+    import bitsandbytes, peft, transformers  # noqa: F401
+    torch.set_num_threads(b.threads)
+    libs = current_mib(dev) if dev.type == "cpu" else 0.0
+    print("RESULT " + json.dumps({**WORKERS[what](b, dev), "libs_mib": libs}), flush=True)
+
+
+WORKERS = {"train-ours": train_ours, "train-theirs": train_theirs, "inference": inference}
+
+
+def measure(b, dev, log=print, run=child):
+    """All rows for one model: {row: (ours, theirs)} plus the log-prob agreement.
+    run(b, what, dev) runs one measurement (default: in a child process)."""
+    train = {"ours": [], "theirs": []}
+    for r in range(b.train_rounds):
+        for who in (("ours", "theirs") if r % 2 == 0 else ("theirs", "ours")):
+            train[who].append(run(b, f"train-{who}", dev))
+            x = train[who][-1]
+            x["peak_above_libs_mib"] = x["peak_mib"] - x.get("libs_mib", 0.0)
+            log(f"  train {who}, round {r + 1}: {x['tokens_per_s']:,.1f} tokens/s, peak {x['peak_mib']:,.0f} MiB "
+                f"({x['peak_above_libs_mib']:,.0f} MiB above the libraries)")
+    inf = run(b, "inference", dev)
+    med = lambda xs: statistics.median(xs)
+    rows = {"training step, tokens/s": tuple(med([x["tokens_per_s"] for x in train[w]]) for w in ("ours", "theirs")),
+            "training step, peak memory MiB": tuple(med([x["peak_above_libs_mib"] for x in train[w]]) for w in ("ours", "theirs"))}
+    for name, by in inf["rates"].items():
+        label = "reference scoring, tokens/s" if name == "scoring" else f"{name}, tokens/s"
+        rows[label] = (med(by["ours"]), med(by["theirs"]))
+    return rows, inf
+
+
+TARGETS = {"training step, tokens/s": (">=", 1.0), "training step, peak memory MiB": ("<=", 1.0),
+           "reference scoring, tokens/s": (">=", 1.2), "sampling batch 16, tokens/s": (">=", 1.5)}
+
+
+def table(rows):
+    out = ["| row | ours | theirs | ours/theirs | target | met? |", "|---|---|---|---|---|---|"]
+    for name, (a, t) in rows.items():
+        ratio = a / t
+        op, want = TARGETS.get(name, ("", None))
+        met = "—" if want is None else ("yes" if (ratio >= want if op == ">=" else ratio <= want) else "NO")
+        out.append(f"| {name} | {num(a)} | {num(t)} | {ratio:.2f}x | {f'{op} {want}x' if want else '—'} | {met} |")
+    return "\n".join(out)
+
+
+def num(x):
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
+def machine(b, dev):
+    cpu = platform.processor() or "?"
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import bitsandbytes, peft, transformers
+    gpu = f", GPU {torch.cuda.get_device_name(dev)}" if dev.type == "cuda" else ""
+    return (f"machine: {cpu}, {os.cpu_count()} cores, {b.threads} torch threads{gpu}; torch {torch.__version__}, "
+            f"transformers {transformers.__version__}, peft {peft.__version__}, bitsandbytes {bitsandbytes.__version__}")
+
+
+def run(b, dev):
+    b = dataclasses.replace(b, threads=b.threads or torch.get_num_threads())
+    models = [b.model or "embedded SmolLM2-135M-Instruct"]
+    if dev.type == "cuda" and not b.model:
+        models.append(LLAMA3_8B)
+    print(machine(b, dev))
+    print(f"settings: {b.rows} pairs x seq <= {b.seq_len}, LoRA r={b.lora_r}, {b.steps} timed steps x {b.train_rounds} "
+          f"training rounds, {b.gen_tokens} new tokens, {b.repeats} scoring/sampling rounds, {dtype_of(dev)} on {dev}")
+    tables = []
+    for name in models:
+        bm = dataclasses.replace(b, model="" if name.startswith("embedded") else name)
+        print(f"\n### {name}")
+        rows, inf = measure(bm, dev)
+        text = table(rows) + (f"\n\nscoring log-probs, ours vs theirs: max |diff| {inf['logp_max_abs_diff']:.2e} "
+                              f"(values up to {inf['logp_scale']:,.0f} nats)")
+        print(text)
+        tables.append(f"### {name}\n\n{text}")
+    return tables
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="", help=f"HF folder (default: the embedded SmolLM2-135M); {LLAMA3_8B}: random 8B shapes (GPU)")
+    p.add_argument("--device", default="", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--rows", type=int, default=Bench.rows, help="pairs per training/scoring batch")
+    p.add_argument("--gen-tokens", type=int, default=Bench.gen_tokens, help="new tokens per sampled row")
+    p.add_argument("--repeats", type=int, default=Bench.repeats, help="alternating rounds (medians are reported)")
+    p.add_argument("--train-rounds", type=int, default=Bench.train_rounds, help="training rounds (fresh processes)")
+    p.add_argument("--steps", type=int, default=Bench.steps, help="timed training steps per round")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's default)")
+    p.add_argument("--quick", action="store_true", help="1 pair of <= 128 tokens, 16 new tokens, 1 training round")
+    p.add_argument("--worker", default="", help=argparse.SUPPRESS)
+    p.add_argument("--config", default="", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.config:
+        c = json.loads(a.config)
+        return dataclasses.replace(Bench(), **{**c, "gen_batches": tuple(c["gen_batches"])}), a
+    b = Bench(model=a.model, device=a.device, rows=a.rows, gen_tokens=a.gen_tokens, repeats=a.repeats, train_rounds=a.train_rounds, steps=a.steps,
+              threads=a.threads)
+    return (quick(b) if a.quick else b), a
+
+
+if __name__ == "__main__":
+    b, a = parse_args()
+    dev = device_of(b)
+    if a.worker:
+        worker(b, a.worker, dev)
+    else:
+        run(b, dev)
