@@ -33,7 +33,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import model as M  # noqa: E402
 import quant  # noqa: E402

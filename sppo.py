@@ -816,7 +816,7 @@ def answers_summary(rows, what):
 
 
 def print_table(table, seconds):
-    print(f"\n| iter | win rate vs pi_0 (95% CI) | train loss | held-out satisfaction: base -> new (gain, 95% CI) |")
+    print("\n| iter | win rate vs pi_0 (95% CI) | train loss | held-out satisfaction: base -> new (gain, 95% CI) |")
     print("|---|---|---|---|")
     for r in table:
         wr, ci = r["win_rate"]
