@@ -11,6 +11,7 @@ import data as D
 import model as M
 import quant as Q
 import sppo
+from test_model import padded_batch  # left-padded random ids, as in the Llama checks
 
 # 4 layers: sliding, full, sliding, full. head_dim 24 != 64 / 4, query scale from 20 != head_dim.
 # Big init and small caps so the soft-capping really bends the logits (checked below).
@@ -29,17 +30,6 @@ def make_gemma(path, seed=0, **kw):
             p.data.uniform_(-0.5, 0.5)
     hf.save_pretrained(path, safe_serialization=True)
     return hf
-
-
-def padded_batch(vocab, lengths, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    T = max(lengths)
-    idx = torch.zeros(len(lengths), T, dtype=torch.long)
-    mask = torch.zeros(len(lengths), T, dtype=torch.bool)
-    for i, n in enumerate(lengths):
-        idx[i, T - n:] = torch.randint(3, vocab, (n,), generator=g)
-        mask[i, T - n:] = True
-    return idx, mask
 
 
 def hf_logits(hf, idx, mask):
