@@ -189,54 +189,32 @@ def messages_of(row):
 
 # ----------------------------------------------------------------------------- 1. generate
 
-def sample(s, policy_dir, tok, rows, out_path, seeds, greedy=False, desc="generate"):
-    """K samples per prompt (seed seeds[k] for the k-th, as the reference's K vLLM passes),
-    in chunks of gen_batch prompts appended as they finish: a killed run resumes at the first
-    unfinished chunk, and the same chunk always gets the same seeds, so nothing changes."""
+def in_chunks(rows, size, out_path, work, stage, desc, unit, setup=None, per=None):
+    """The shape of every stage that works through rows in chunks (sampling, judging, scoring).
+
+    work(c, chunk, ctx) turns chunk c into output lines (one per row, with its id); they are
+    appended to out_path's `.partial.jsonl` as each chunk finishes, so a killed run redoes only
+    the unfinished chunks (lines are read back by id: a chunk done twice counts once). setup(todo
+    rows) -> ctx runs once, only when work is left (loading a model). With torchrun the chunks
+    are dealt over the ranks, `per` per round (default one per rank), and rank 0 appends each
+    round's chunks in order, so the artifact is the one a single process writes (parallel.py)."""
     if out_path.exists():
         return data.read_jsonl(out_path)
     part = out_path.with_suffix(".partial.jsonl")
     done = data.done_ids(part)
-    todo = [r for r in rows if r["id"] not in done]
-    parallel.barrier()  # every rank has read the resume state before rank 0 appends (parallel.py)
-    if todo:
-        temperature = 0.0 if greedy else s.temperature
-        # With torchrun, the chunks are dealt round-robin over the ranks (parallel.py) and rank 0
-        # appends each round's chunks in order; vLLM parallelises itself, so rank 0 runs it alone.
-        per = 1 if s.backend == "vllm" else None
-        if s.backend == "vllm" and parallel.is_main():  # one child process for the whole stage: loading vLLM is slow
-            import vllm_backend
-            every = vllm_backend.generate(policy_dir, [tok.encode_chat(messages_of(r)) for r in todo], s.max_new_tokens,
-                                          temperature, s.top_p, s.top_k, tok.stop_ids, seeds,
-                                          memory=s.vllm_memory, tp=s.vllm_tp)
-            at = {r["id"]: i for i, r in enumerate(todo)}
-        elif s.backend != "vllm":
-            policy = load(s, policy_dir)
-        chunks = [rows[i:i + s.gen_batch] for i in range(0, len(rows), s.gen_batch)]
-        todo_chunks = [c for c, chunk in enumerate(chunks) if not all(r["id"] in done for r in chunk)]
-        bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc=desc, unit="prompt")
-        for c, group in parallel.rounds(todo_chunks, per):
-            lines = []
-            if c is not None:
-                chunk = chunks[c]
-                ids = [tok.encode_chat(messages_of(r)) for r in chunk]
-                if s.backend == "vllm":
-                    outs = [[o[at[r["id"]]] for r in chunk] for o in every]
-                else:
-                    outs = [M.generate(policy, ids, s.max_new_tokens, temperature, s.top_p, s.top_k, tok.stop_ids,
-                                       seed=seed * 1000 + c, pad_id=tok.pad_id) for seed in seeds]
-                for i, r in enumerate(chunk):
-                    resp = [o[i] for o in outs]
-                    finished = [bool(x) and x[-1] in tok.stop_ids for x in resp]
-                    body = [x[:-1] if f else x for x, f in zip(resp, finished)]
-                    lines.append({"id": r["id"], "prompt_ids": ids[i], "responses": [tok.decode(b) for b in body],
-                                  "response_ids": body, "finished": finished})
-            lines = [line for got in parallel.gather(lines) for line in got]  # the round's chunks, in order
-            if parallel.is_main():
-                data.append_jsonl(part, lines)
-                crash_point("generate")
-            bar.update(sum(len(chunks[g]) for g in group))
-        bar.close()
+    parallel.barrier()  # every rank has read the resume state before rank 0 appends
+    chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
+    todo = [c for c, chunk in enumerate(chunks) if not all(r["id"] in done for r in chunk)]
+    ctx = setup([r for c in todo for r in chunks[c]]) if todo and setup else None
+    bar = tqdm(total=len(rows), initial=len(done & {r["id"] for r in rows}), desc=desc, unit=unit)
+    for c, group in parallel.rounds(todo, per):
+        lines = work(c, chunks[c], ctx) if c is not None else []
+        lines = [x for got in parallel.gather(lines) for x in got]  # the round's chunks, in order
+        if parallel.is_main():
+            data.append_jsonl(part, lines)
+            crash_point(stage)
+        bar.update(sum(len(chunks[g]) for g in group))
+    bar.close()
     out = None
     if parallel.is_main():
         got = {r["id"]: r for r in data.read_jsonl_tolerant(part)}
@@ -244,6 +222,44 @@ def sample(s, policy_dir, tok, rows, out_path, seeds, greedy=False, desc="genera
         data.write_jsonl(out_path, out)
         part.unlink(missing_ok=True)
     return parallel.share(out)
+
+
+def sample(s, policy_dir, tok, rows, out_path, seeds, greedy=False, desc="generate"):
+    """K samples per prompt (seed seeds[k] for the k-th, as the reference's K vLLM passes),
+    in chunks of gen_batch prompts (`in_chunks`): the same chunk always gets the same seeds, so
+    a resumed run samples what an uninterrupted one would."""
+    temperature = 0.0 if greedy else s.temperature
+
+    def setup(todo):
+        if s.backend != "vllm":
+            return load(s, policy_dir)
+        if parallel.is_main():  # one child process for the whole stage: loading vLLM is slow
+            import vllm_backend
+            every = vllm_backend.generate(policy_dir, [tok.encode_chat(messages_of(r)) for r in todo], s.max_new_tokens,
+                                          temperature, s.top_p, s.top_k, tok.stop_ids, seeds,
+                                          memory=s.vllm_memory, tp=s.vllm_tp)
+            return every, {r["id"]: i for i, r in enumerate(todo)}
+
+    def work(c, chunk, ctx):
+        ids = [tok.encode_chat(messages_of(r)) for r in chunk]
+        if s.backend == "vllm":
+            every, at = ctx
+            outs = [[o[at[r["id"]]] for r in chunk] for o in every]
+        else:
+            outs = [M.generate(ctx, ids, s.max_new_tokens, temperature, s.top_p, s.top_k, tok.stop_ids,
+                               seed=seed * 1000 + c, pad_id=tok.pad_id) for seed in seeds]
+        lines = []
+        for i, r in enumerate(chunk):
+            resp = [o[i] for o in outs]
+            finished = [bool(x) and x[-1] in tok.stop_ids for x in resp]
+            body = [x[:-1] if f else x for x, f in zip(resp, finished)]
+            lines.append({"id": r["id"], "prompt_ids": ids[i], "responses": [tok.decode(b) for b in body],
+                          "response_ids": body, "finished": finished})
+        return lines
+
+    # vLLM parallelises itself, so with torchrun rank 0 runs it alone: one chunk per round, its own.
+    return in_chunks(rows, s.gen_batch, out_path, work, "generate", desc, "prompt", setup,
+                     per=1 if s.backend == "vllm" else None)
 
 
 # ----------------------------------------------------------------------------- 2. judge
@@ -263,34 +279,15 @@ def make_judge(s, tok):
 
 
 def judge_responses(s, judge, tok, rows, responses, out_path):
-    """P matrices, one per prompt. The prompt shown to PairRM is chat-rendered, as in the reference.
-    Batches are appended as they finish (like `sample`): a killed run judges only the rest."""
-    if out_path.exists():
-        return data.read_jsonl(out_path)
-    part = out_path.with_suffix(".partial.jsonl")
-    done = data.done_ids(part)
-    parallel.barrier()  # every rank has read the resume state before rank 0 appends (parallel.py)
-    starts = [i for i in range(0, len(rows), s.judge_batch) if not all(r["id"] in done for r in rows[i:i + s.judge_batch])]
-    bar = tqdm(total=len(rows), initial=len(done & {r["id"] for r in rows}), desc="judge", unit="prompt")
-    for i, group in parallel.rounds(starts):  # with torchrun: one batch per rank per round
-        lines = []
-        if i is not None:
-            rb, gb = rows[i:i + s.judge_batch], responses[i:i + s.judge_batch]
-            Ps = judge([tok.render_chat(messages_of(r)) for r in rb], [g["responses"] for g in gb], rb)
-            lines = [{"id": r["id"], "P": np.asarray(P).tolist()} for r, P in zip(rb, Ps)]
-        lines = [x for got in parallel.gather(lines) for x in got]  # the round's batches, in order
-        if parallel.is_main():
-            data.append_jsonl(part, lines)
-            crash_point("judge")
-        bar.update(sum(len(rows[g:g + s.judge_batch]) for g in group))
-    bar.close()
-    out = None
-    if parallel.is_main():
-        got = {r["id"]: r for r in data.read_jsonl_tolerant(part)}  # by id: a batch judged twice counts once
-        out = [got[r["id"]] for r in rows]
-        data.write_jsonl(out_path, out)
-        part.unlink(missing_ok=True)
-    return parallel.share(out)
+    """P matrices, one per prompt, in chunks of judge_batch prompts (`in_chunks`). The prompt
+    shown to PairRM is chat-rendered, as in the reference."""
+    by_id = {g["id"]: g for g in responses}
+
+    def work(c, chunk, ctx):
+        Ps = judge([tok.render_chat(messages_of(r)) for r in chunk], [by_id[r["id"]]["responses"] for r in chunk], chunk)
+        return [{"id": r["id"], "P": np.asarray(P).tolist()} for r, P in zip(chunk, Ps)]
+
+    return in_chunks(rows, s.judge_batch, out_path, work, "judge", "judge", "prompt")
 
 
 # ----------------------------------------------------------------------------- 3. pairs + reference
@@ -379,33 +376,15 @@ def make_pairs(s, tok, policy_dir, responses, judgments, out_path):
         p["rejected_ids"] = with_eos(g["response_ids"][l], g["finished"][l], tok.eos_id)
         p.pop("prompt")
     dev = device_of(s)
-    # scored batches are appended as they finish: a killed run scores only the rest
-    part = out_path.with_suffix(".partial.jsonl")
-    done = data.done_ids(part)
-    parallel.barrier()  # every rank has read the resume state before rank 0 appends
-    starts = [i for i in range(0, len(pairs), s.batch_size) if not all(p["id"] in done for p in pairs[i:i + s.batch_size])]
-    bar = tqdm(total=len(pairs), initial=len(done & {p["id"] for p in pairs}), desc="reference log-probs", unit="pair")
-    base = load(s, policy_dir, quantized=True) if starts else None
-    with torch.no_grad():
-        for i, group in parallel.rounds(starts):  # with torchrun: one batch per rank per round
-            lines = []
-            if i is not None:
-                batch = pairs[i:i + s.batch_size]
-                ids, mask = pair_tensors(batch, s, tok.pad_id, dev)
-                lp = sequence_logps(base, ids, mask, s.micro_batches).tolist()
-                lines = [dict(p, ref_chosen_logp=lp[j], ref_rejected_logp=lp[len(batch) + j]) for j, p in enumerate(batch)]
-            lines = [x for got in parallel.gather(lines) for x in got]
-            if parallel.is_main():
-                data.append_jsonl(part, lines)
-                crash_point("pairs")
-            bar.update(sum(len(pairs[g:g + s.batch_size]) for g in group))
-    bar.close()
-    if parallel.is_main():
-        got = {p["id"]: p for p in data.read_jsonl_tolerant(part)}
-        pairs = [got[p["id"]] for p in pairs]
-        data.write_jsonl(out_path, pairs)
-        part.unlink(missing_ok=True)
-    pairs = parallel.share(pairs)
+
+    def work(c, batch, base):
+        ids, mask = pair_tensors(batch, s, tok.pad_id, dev)
+        with torch.no_grad():
+            lp = sequence_logps(base, ids, mask, s.micro_batches).tolist()
+        return [dict(p, ref_chosen_logp=lp[j], ref_rejected_logp=lp[len(batch) + j]) for j, p in enumerate(batch)]
+
+    pairs = in_chunks(pairs, s.batch_size, out_path, work, "pairs", "reference log-probs", "pair",
+                      setup=lambda todo: load(s, policy_dir, quantized=True))
     print(f"  pairs: {len(pairs)} from {len(rows)} prompts; no pair: {stats}")
     return pairs
 

@@ -279,3 +279,36 @@ def test_run_folder_refuses_different_settings(tiny_setup, tmp_path):
     s2 = sppo.parse_args(run_args(tiny_setup, tmp_path) + ["--eta", "3"])
     with pytest.raises(sppo.RunError, match="eta=2.0, not 3.0"):
         sppo.check_settings(s2, run)
+
+
+def test_vllm_plumbing_gives_each_prompt_its_own_samples_and_resumes_by_chunk(tiny_setup, tmp_path, monkeypatch):
+    """`--backend vllm` through sppo.sample with vLLM's process replaced by a stand-in (the real
+    one is checked against our sampler by `make test-vllm`): every prompt gets the outputs made
+    for its own token ids, stop tokens are cut and flagged, and a resumed stage asks only for
+    the prompts of its unfinished chunks."""
+    import data
+    import vllm_backend
+    tok = data.Tokenizer.from_dir(tiny_setup / "model")
+    rows = data.load_prompts(tiny_prompts(tmp_path / "p.jsonl", 5, "q"))[0]
+    asked = []
+
+    def stand_in(model_dir, prompts, max_new_tokens, temperature, top_p, top_k, stop_ids, seeds, **kw):
+        asked.append(len(prompts))
+        return [[[sum(p) % 200 + 3, 7 + k] + ([stop_ids[0]] if sum(p) % 2 else []) for p in prompts]
+                for k in range(len(seeds))]
+
+    monkeypatch.setattr(vllm_backend, "generate", stand_in)
+    s = sppo.Settings(backend="vllm", gen_batch=2, max_new_tokens=4)
+    out = tmp_path / "responses.jsonl"
+    got = sppo.sample(s, tiny_setup / "model", tok, rows, out, [0, 50])
+    assert asked == [5] and [g["id"] for g in got] == [r["id"] for r in rows]
+    for g, r in zip(got, rows):
+        ids = tok.encode_chat(sppo.messages_of(r))
+        assert g["prompt_ids"] == ids
+        assert g["response_ids"] == [[sum(ids) % 200 + 3, 7 + k] for k in range(2)]
+        assert g["finished"] == [bool(sum(ids) % 2)] * 2
+    assert len({g["response_ids"][0][0] for g in got}) > 1  # the prompts really differ
+    out.unlink()
+    data.append_jsonl(out.with_suffix(".partial.jsonl"), got[:2])  # as if killed after the first chunk
+    assert sppo.sample(s, tiny_setup / "model", tok, rows, out, [0, 50]) == got
+    assert asked == [5, 3]
