@@ -65,6 +65,7 @@ class Settings:
     top_k: int = opt(0, "top-k sampling (0 = off)")
     max_new_tokens: int = opt(64, "max new tokens per response (the paper used 2048)")
     gen_batch: int = opt(24, "prompts per generation batch (also the resume chunk)")
+    eval_batch: int = opt(50, "held-out prompts answered together (greedy) in the evaluation; 0 = --gen-batch")
     backend: str = opt("builtin", "sampler: builtin (our KV-cache sampler) or vllm (GPU extra)", choices=["builtin", "vllm"])
     vllm_memory: float = opt(0.85, "fraction of GPU memory the vLLM sampler may take")
     vllm_tp: int = opt(1, "GPUs vLLM splits the sampler over (its tensor parallel; under torchrun rank 0 runs it)")
@@ -153,7 +154,7 @@ def device_of(s):
 def workload(s):
     return pipeline.Workload(lora_r=s.lora_r, targets=tuple(s.lora_targets.split(",")), train_seqs=2 * s.batch_size,
                              seq_len=s.max_len, resp_len=s.max_len - min(s.max_prompt_len, s.max_len // 2),
-                             grad_ckpt=s.grad_ckpt, gen_batch=s.gen_batch, gen_len=s.max_prompt_len + s.max_new_tokens,
+                             grad_ckpt=s.grad_ckpt, gen_batch=max(s.gen_batch, s.eval_batch), gen_len=s.max_prompt_len + s.max_new_tokens,
                              compute_bytes=torch.finfo(compute_dtype(device_of(s))).bits // 8)
 
 
@@ -224,7 +225,7 @@ def in_chunks(rows, size, out_path, work, stage, desc, unit, setup=None, per=Non
     return parallel.share(out)
 
 
-def sample(s, policy_dir, tok, rows, out_path, seeds, greedy=False, desc="generate"):
+def sample(s, policy_dir, tok, rows, out_path, seeds, greedy=False, desc="generate", batch=0):
     """K samples per prompt (seed seeds[k] for the k-th, as the reference's K vLLM passes),
     in chunks of gen_batch prompts (`in_chunks`): the same chunk always gets the same seeds, so
     a resumed run samples what an uninterrupted one would."""
@@ -258,7 +259,7 @@ def sample(s, policy_dir, tok, rows, out_path, seeds, greedy=False, desc="genera
         return lines
 
     # vLLM parallelises itself, so with torchrun rank 0 runs it alone: one chunk per round, its own.
-    return in_chunks(rows, s.gen_batch, out_path, work, "generate", desc, "prompt", setup,
+    return in_chunks(rows, batch or s.gen_batch, out_path, work, "generate", desc, "prompt", setup,
                      per=1 if s.backend == "vllm" else None)
 
 
@@ -679,12 +680,12 @@ def remove_leftovers(run_dir):
 
 
 OOM_FLAGS = {  # out of GPU memory in a stage -> what to lower
-    "generate": "--gen-batch or --max-new-tokens",
+    "generate": "--gen-batch (--eval-batch in the evaluation) or --max-new-tokens",
     "judge": "--judge-batch",
     "pairs": "--batch-size or --max-len (or raise --micro-batches with --devices)",
     "train": "--batch-size (raising --grad-accum keeps the effective batch) or --max-len, or add --grad-ckpt",
     "merge": "nothing: merge works shard by shard; free the GPU of other processes",
-    "evaluate": "--judge-batch",
+    "evaluate": "--eval-batch or --judge-batch",
 }
 
 
@@ -745,7 +746,8 @@ def run(s):
     judge = make_judge(s, tok)
     seeds = [50 * k for k in range(s.k)]  # 0, 50, 100, 150, 200 as in the reference
     with stage("base", "generate") as st:
-        base_answers = sample(s, base_dir, tok, heldout, run_dir / "eval_base.jsonl", [0], greedy=True, desc="eval pi_0")
+        base_answers = sample(s, base_dir, tok, heldout, run_dir / "eval_base.jsonl", [0], greedy=True, desc="eval pi_0",
+                              batch=s.eval_batch)
         if parallel.is_main():
             export_alpaca_eval(run_dir / "alpaca_eval" / "model_outputs.json", heldout, base_answers, f"{s.name}_pi0")
         st["summary"] = answers_summary(base_answers, "held-out answers")
@@ -772,7 +774,8 @@ def run(s):
             new = merge(s, policy, it / "adapter", it / "model")
             st["summary"] = f"pi_{t + 1} in {new}"
         with stage(where, "evaluate") as st:
-            answers = sample(s, new, tok, heldout, it / "eval_answers.jsonl", [0], greedy=True, desc="eval pi_%d" % (t + 1))
+            answers = sample(s, new, tok, heldout, it / "eval_answers.jsonl", [0], greedy=True,
+                             desc="eval pi_%d" % (t + 1), batch=s.eval_batch)
             loss = float(np.mean([r["loss"] for r in log[-max(1, len(log) // 4):]])) if log else float("nan")
             if parallel.is_main():  # with torchrun the others go on and wait in the next collective
                 export_alpaca_eval(it / "alpaca_eval" / "model_outputs.json", heldout, answers, f"{s.name}_sppo_iter{t + 1}")
