@@ -690,23 +690,34 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     return result
 
 
+def length_groups(lengths, waste=0.15):
+    """Row indices grouped, longest first, so that padding each group to its longest row adds at
+    most `waste` of its real tokens: a padded position costs the model as much as a real one.
+    Used by prefill here and by sppo.sequence_logps (pair batches vary threefold in length)."""
+    groups = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        g = groups[-1] if groups else []
+        if g and (len(g) + 1) * lengths[g[0]] <= (1 + waste) * (sum(lengths[j] for j in g) + lengths[i]):
+            g.append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 def prefill(model, idx, mask, pos, lengths, waste=0.15):
     """Last-position logits of left-padded prompts (sorted longest first), their K/V written to
     the cache. A block of rows runs cut to its own longest prompt, starting at that slot: the
     padding that the batch's longest prompt forces on short rows is mostly never computed."""
-    T, out, a = idx.shape[1], [], 0
+    T, out = idx.shape[1], []
     caches, valid = [layer.self_attn.cache for layer in model.layers], model.cache_valid
     try:
-        while a < len(lengths):
-            b = a + 1  # grow the block while padding stays within `waste` of its real tokens
-            while b < len(lengths) and (b + 1 - a) * lengths[a] <= (1 + waste) * sum(lengths[a:b + 1]):
-                b += 1
+        for g in length_groups(lengths, waste):  # sorted input: each group is a run of rows a..b-1
+            a, b = g[0], g[-1] + 1
             for layer, c in zip(model.layers, caches):
                 layer.self_attn.cache = c.rows(a, b)
             model.cache_valid = valid[a:b]
             s = T - lengths[a]
             out.append(model(idx[a:b, s:], mask[a:b, s:], pos[a:b, s:], slot=s, last_only=True)[:, -1])
-            a = b
     finally:
         for layer, c in zip(model.layers, caches):
             layer.self_attn.cache = c

@@ -312,27 +312,13 @@ def pair_tensors(pairs, s, pad_id, device):
     return ids, mask
 
 
-def length_groups(lengths, waste=0.15):
-    """Row indices grouped, longest first, so that padding each group to its longest row adds at
-    most `waste` of its real tokens: a padded position costs the model as much as a real one,
-    and the rows of a pair batch vary threefold in length (bench.py: ~20% faster scoring)."""
-    groups = []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        g = groups[-1] if groups else []
-        if g and (len(g) + 1) * lengths[g[0]] <= (1 + waste) * (sum(lengths[j] for j in g) + lengths[i]):
-            g.append(i)
-        else:
-            groups.append([i])
-    return groups
-
-
 def sequence_logps(model, ids, resp_mask, micro_batches=1):
     """sum_t log pi(y_t | x, y_<t) over each row's response tokens (prompt tokens masked).
 
     Right-padded rows run in groups of similar length, each cut to its longest row, so little
-    time goes to padding (length_groups)."""
+    time goes to padding (model.length_groups)."""
     ends = (resp_mask.long() * torch.arange(1, ids.shape[1] + 1, device=ids.device)).amax(1).clamp(min=1).tolist()
-    groups = length_groups(ends)
+    groups = M.length_groups(ends)
     if len(groups) == 1:
         return group_logps(model, ids[:, :max(ends)], resp_mask[:, :max(ends)], micro_batches)
     parts = [group_logps(model, ids[g, :ends[g[0]]], resp_mask[g, :ends[g[0]]], micro_batches) for g in groups]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import model as M
 import sppo
 from tiny import make_tiny_chat_model
 
@@ -172,12 +173,12 @@ def test_sequence_logps_equal_transformers_log_probs_of_response_tokens(tiny_set
 
 def test_length_groups_cover_every_row_once_and_bound_padding():
     lengths = [200, 64, 190, 70, 256, 30, 128, 66]
-    groups = sppo.length_groups(lengths, waste=0.15)
+    groups = M.length_groups(lengths, waste=0.15)
     assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
     for g in groups:  # padded to its longest row, a group adds at most 15% of its real tokens
         assert len(g) * max(lengths[i] for i in g) <= 1.15 * sum(lengths[i] for i in g)
     assert len(groups) < len(lengths)  # similar lengths still share a batch
-    assert sppo.length_groups([50] * 4) == [[0, 1, 2, 3]]
+    assert M.length_groups([50] * 4) == [[0, 1, 2, 3]]
 
 
 def test_reference_logps_are_frozen_and_differ_from_trained_policy(tiny_setup, tmp_path):
