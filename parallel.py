@@ -31,6 +31,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+import model as M
+
 
 def world():
     return dist.get_world_size() if dist.is_initialized() else 1
@@ -83,11 +85,6 @@ def finish():
         dist.destroy_process_group()
 
 
-def deal(units):
-    """This rank's share of a list of work units: units r, r + W, r + 2W, ..."""
-    return units[rank()::world()]
-
-
 def rounds(units, per=None):
     """Deal units in rounds of `per` (default: one per rank), for stages that save after each
     round: yields (this rank's unit or None, the round's units)."""
@@ -120,11 +117,26 @@ def barrier():
         dist.barrier()
 
 
-def ddp(module):
-    """DistributedDataParallel over the trainable parameters only: the frozen ones (the NF4
-    base) and the buffers are identical on every rank already, so they are neither broadcast
-    at the start nor bucketed. device_ids=None: a module split over devices is allowed."""
+class _Scorer(torch.nn.Module):
+    """model.sequence_logps as a module: DDP arms its gradient all-reduce in its own forward
+    call, and a training step's forward is sequence_logps (one model call per length group),
+    not one model() call."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, ids, mask):
+        return M.sequence_logps(self.net, ids, mask)
+
+
+def ddp(net):
+    """score(ids, mask) -> log-probs of net's responses, with DistributedDataParallel over the
+    trainable parameters only: the frozen ones (the NF4 base) and the buffers are identical on
+    every rank already, so they are neither broadcast at the start nor bucketed.
+    device_ids=None: a module split over devices is allowed."""
     from torch.nn.parallel import DistributedDataParallel as DDP
+    module = _Scorer(net)
     frozen = [n for n, p in module.named_parameters() if not p.requires_grad] + [n for n, _ in module.named_buffers()]
     DDP._set_params_and_buffers_to_ignore_for_model(module, frozen)
     return DDP(module, device_ids=None, broadcast_buffers=False)

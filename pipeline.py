@@ -1,4 +1,5 @@
-"""More than one device: split the layers, pipeline micro-batches, plan memory before loading.
+"""Where a run's model lives: its device, or its layers split over devices (pipelined in
+micro-batches), and the memory plan that chooses the split before anything is loaded.
 
 The mission's hardware is two 24 GB cards without NVLink. Llama-3-8B in NF4 fits on one card,
 but its bf16 copy for sampling, the LoRA optimizer state, activations at sequence 1024 and a
@@ -7,9 +8,9 @@ but its bf16 copy for sampling, the LoRA optimizer state, activations at sequenc
 - `--devices cuda:0,cuda:1` puts the embedding and the first blocks on the first device and
   the rest, the final norm and the head on the last. `plan()` chooses the split so that the
   device with the most to hold holds as little as possible (`balance`), from the shapes alone.
-- Activations hop between devices in `model.Transformer.run_layers` (one (B, T, dim) copy per
-  boundary); each layer's KV cache lives on its own device.
-- `hidden_states` runs micro-batches in GPipe's order (Huang et al., 2019): at clock tick k,
+- Activations hop between devices in `model.to_layer` (one (B, T, dim) copy per boundary);
+  each layer's KV cache lives on its own device.
+- `GPipe` runs micro-batches in GPipe's order (Huang et al., 2019): at clock tick k,
   stage s works on micro-batch k - s. CUDA launches are asynchronous, so while the second
   card runs micro-batch m the first is already on m + 1; backward, one call over the summed
   loss, is pipelined the same way by autograd's per-device threads.
@@ -17,7 +18,9 @@ but its bf16 copy for sampling, the LoRA optimizer state, activations at sequenc
 from dataclasses import dataclass
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
+import lora
 import model as M
 import quant
 
@@ -26,6 +29,38 @@ CONTEXT = 0.5 * GiB  # the CUDA context and allocator slack each device pays bef
 
 
 # ----------------------------------------------------------------------------- placement
+
+def device_of(s):
+    """The (first) device: inputs go there. With --devices, the last one holds the head."""
+    if s.devices:
+        return torch.device(s.devices.split(",")[0])
+    return torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def compute_dtype(dev):
+    return torch.bfloat16 if dev.type == "cuda" else torch.float32
+
+
+def run_plan(s, path):
+    """(split bounds, per-device rows) for a run's flags: --devices, or its one device as one stage."""
+    devices = s.devices.split(",") if s.devices else [str(device_of(s))]
+    caps = [s.device_mem * GiB] * len(devices) if s.device_mem else None
+    return plan(M.Config.from_hf(path), devices, workload(s, torch.finfo(compute_dtype(device_of(s))).bits // 8), caps)
+
+
+def load(s, path, quantized=False):
+    """pi_t on the device(s): bf16/fp32 for sampling, NF4 for scoring and training."""
+    dev, where, bounds = device_of(s), device_of(s), None
+    if s.devices:
+        bounds, _ = run_plan(s, path)
+        where = device_map(bounds, s.devices.split(","))
+    if quantized:
+        m = quant.quantize_model(path, compute_dtype(dev), where, quant_type=s.quant_type)
+    else:
+        m = M.load_model(path, compute_dtype(dev), where)
+    m.stage_bounds = bounds
+    return m
+
 
 def device_map(bounds, devices):
     """name -> device for a split whose stage s holds layers bounds[s]:bounds[s + 1]."""
@@ -39,26 +74,52 @@ def device_map(bounds, devices):
     return where
 
 
-def hidden_states(model, ids, chunks=1):
-    """Final normalised hidden states of right-padded ids (B, T), GPipe-scheduled.
+class GPipe(torch.nn.Module):
+    """A model split over devices, run in micro-batches in GPipe's order: wraps the built model
+    from outside and offers what model.sequence_logps needs, forward(ids, head=False) and
+    logits(h). Used for training and scoring (right-padded rows; no KV cache).
 
     The batch is cut into `chunks` micro-batches; at tick k stage s runs micro-batch k - s.
     The result equals model(ids, head=False): rows never interact (no attention mask needed
     with right padding), so only the order of the work changes.
     """
-    bounds = getattr(model, "stage_bounds", None) or [0, len(model.layers)]
-    parts = list(ids.chunk(max(1, min(chunks, ids.shape[0]))))
-    xs, ctxs = [None] * len(parts), [None] * len(parts)
-    n_stages = len(bounds) - 1
-    for tick in range(len(parts) + n_stages - 1):
-        for s in range(n_stages):
-            m = tick - s
-            if not 0 <= m < len(parts):
-                continue
-            if s == 0:
-                xs[m], ctxs[m] = model.embed(parts[m])
-            xs[m], ctxs[m] = model.run_layers(xs[m], ctxs[m], bounds[s], bounds[s + 1])
-    return torch.cat([model.finish(x, head=False) for x in xs])
+
+    def __init__(self, model, chunks):
+        super().__init__()
+        self.model, self.chunks = model, chunks
+
+    def logits(self, h):
+        return self.model.logits(h)
+
+    def forward(self, ids, head=False):
+        assert not head, "GPipe returns hidden states; the caller runs the head where it needs it"
+        model = self.model
+        bounds = getattr(model, "stage_bounds", None) or [0, len(model.layers)]
+        parts = list(ids.chunk(max(1, min(self.chunks, ids.shape[0]))))
+        xs, ctxs = [None] * len(parts), [None] * len(parts)
+        n_stages = len(bounds) - 1
+        for tick in range(len(parts) + n_stages - 1):
+            for s in range(n_stages):
+                m = tick - s
+                if not 0 <= m < len(parts):
+                    continue
+                if s == 0:
+                    xs[m], ctxs[m] = model.embed(parts[m])
+                xs[m], ctxs[m] = run_stage(model, xs[m], ctxs[m], bounds[s], bounds[s + 1])
+        return torch.cat([model.finish(x, head=False) for x in xs])
+
+
+def run_stage(model, x, ctx, lo, hi):
+    """Layers lo..hi-1, as model.forward runs them."""
+    for layer in model.layers[lo:hi]:
+        x, ctx = M.to_layer(layer, x, ctx)
+        x = checkpoint(layer, x, *ctx, use_reentrant=False) if model.grad_ckpt else layer(x, *ctx)
+    return x, ctx
+
+
+def micro_batched(model, chunks):
+    """The model itself for one micro-batch; GPipe over it for more."""
+    return GPipe(model, chunks) if chunks > 1 else model
 
 
 # ----------------------------------------------------------------------------- the memory plan
@@ -75,6 +136,14 @@ class Workload:
     gen_batch: int = 24           # prompts sampled together
     gen_len: int = 224            # prompt + new tokens in sampling
     compute_bytes: int = 2        # bf16 on GPU
+
+
+def workload(s, compute_bytes):
+    """The Workload of a run's flags (sppo.Settings)."""
+    return Workload(lora_r=s.lora_r, targets=tuple(s.lora_targets.split(",")), train_seqs=2 * s.batch_size,
+                    seq_len=s.max_len, resp_len=s.max_len - min(s.max_prompt_len, s.max_len // 2),
+                    grad_ckpt=s.grad_ckpt, gen_batch=max(s.gen_batch, s.eval_batch),
+                    gen_len=s.max_prompt_len + s.max_new_tokens, compute_bytes=compute_bytes)
 
 
 def activation_bytes(cfg: M.Config, c):
@@ -210,32 +279,29 @@ def print_plan(rows):
 
 # ----------------------------------------------------------------------------- measured vs planned
 
-LLAMA3_8B = M.Config(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
-                     ffn_dim=14336, rope_theta=500000.0)
+def random_tensors(cfg: M.Config, dtype, where, seed=0):
+    """HF-named tensors of a random model of cfg's shapes, one at a time, each drawn on its own
+    device from a generator seeded by its name's position (so two stacks built from them, ours
+    and transformers' in bench.py, hold the same weights): norms 1, the rest N(0, 0.02^2)."""
+    with torch.device("meta"):
+        skeleton = M.create(cfg)
+    for i, (name, p) in enumerate(skeleton.named_parameters()):
+        dev = torch.device(where(name))
+        g = torch.Generator(device=dev).manual_seed(seed * 10 ** 6 + i)
+        t = torch.ones(p.shape, dtype=dtype, device=dev) if "norm" in name else \
+            torch.randn(p.shape, dtype=dtype, device=dev, generator=g) * 0.02
+        yield ("model." + name if name != "lm_head.weight" else name), t, "random weights"
 
 
 def random_model(cfg: M.Config, devices, bounds, compute_dtype, lora_r=16, seed=0):
     """A model of cfg's shapes with random weights, built in place on its devices: each target
     linear is drawn in the compute dtype on its own device and quantized to NF4 at once, so
     an 8B model never exists in full precision (nothing to download, nothing to load)."""
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # the LoRA A matrices
     where = device_map(bounds, devices)
-    with torch.device("meta"):
-        m = M.Transformer(cfg)
-    for name, p in list(m.named_parameters()):
-        mod_name, _, leaf = name.rpartition(".")
-        parent, _, child = mod_name.rpartition(".")
-        dev = where(name)
-        if child in quant.LINEARS:
-            w = torch.randn(p.shape, device=dev, dtype=compute_dtype) * 0.02
-            setattr(m.get_submodule(parent), child, quant.NF4Linear(w, compute_dtype))
-        else:
-            init = torch.ones if "norm" in name else (lambda *a, **k: torch.randn(*a, **k) * 0.02)
-            setattr(m.get_submodule(mod_name), leaf, torch.nn.Parameter(init(p.shape, device=dev, dtype=compute_dtype),
-                                                                        requires_grad=False))
-    m.inv_freq = M.rope_inv_freq(cfg).to(devices[0])
+    m = quant.quantize_model(None, compute_dtype, where, cfg=cfg, tensors=random_tensors(cfg, compute_dtype, where, seed))
     m.stage_bounds = bounds
-    quant.add_lora(m, quant.LoRAConfig(r=lora_r))
+    lora.add_lora(m, lora.LoRAConfig(r=lora_r))
     return m
 
 
@@ -249,14 +315,12 @@ def check(cfg: M.Config, devices, w: Workload, micro_batches=2, steps=3):
     w.compute_bytes = torch.finfo(dtype).bits // 8
     bounds, rows = plan(cfg, devices, w)
     m = random_model(cfg, devices, bounds, dtype, w.lora_r)
-    if w.grad_ckpt:
-        quant.enable_checkpointing(m)
-    params = list(quant.lora_params(m).values())
+    m.grad_ckpt = w.grad_ckpt
+    params = list(lora.lora_params(m).values())
     opt = torch.optim.AdamW(params, lr=1e-4)
     ids = torch.randint(0, cfg.vocab_size, (w.train_seqs, w.seq_len), device=devices[0])
     resp = torch.zeros_like(ids, dtype=torch.bool)
     resp[:, w.seq_len - w.resp_len:] = True
-    import sppo  # the training step's log-probs, exactly as the loop computes them
     if cuda:
         for d in devices:
             torch.cuda.reset_peak_memory_stats(d)
@@ -264,7 +328,7 @@ def check(cfg: M.Config, devices, w: Workload, micro_batches=2, steps=3):
     for _ in range(steps):
         t = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            logps = sppo.sequence_logps(m, ids, resp, micro_batches)
+            logps = M.sequence_logps(micro_batched(m, micro_batches), ids, resp)  # as sppo.train_step
         (logps.float() / w.resp_len).pow(2).mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -295,12 +359,14 @@ def main(argv=None):
     ap.add_argument("--no-grad-ckpt", action="store_true")
     a = ap.parse_args(argv)
     cfg = (M.Config(vocab_size=512, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128)
-           if a.tiny else LLAMA3_8B)
+           if a.tiny else M.LLAMA3_8B)
     w = Workload(train_seqs=a.seqs, seq_len=a.seq_len, resp_len=a.seq_len // 2, grad_ckpt=not a.no_grad_ckpt,
                  gen_batch=16, gen_len=a.seq_len + a.seq_len // 2)
     devices = a.devices.split(",")
     if a.check:
         return check(cfg, devices, w, a.micro_batches)
+    bf16, nf4 = quant.shape_bytes(cfg, r=16)
+    print(f"weights: bf16 {bf16 / GiB:.1f} GiB, NF4 + LoRA r=16 on all linears {nf4 / GiB:.1f} GiB")
     bounds, rows = plan(cfg, devices, w, caps=[24 * GiB] * len(devices))
     print_plan(rows)
     print("bounds", bounds)

@@ -9,17 +9,16 @@ For each iteration t, starting from pi_0 = the base model:
   merge     pi_{t+1} = pi_t + (alpha/r) B A, a full HF checkpoint  -> iter<t>/model/
   evaluate  win rate of pi_{t+1} against pi_0 on held-out prompts  -> iter<t>/eval.json, metrics.jsonl
 
-Every stage reads and writes named files under runs/<name>/, each written atomically; a stage
-whose output exists is skipped, so running the same command again resumes where it stopped.
+Read top to bottom: the settings, the SPPO maths (win rates, pairs, the loss, one training
+step), the six stages, the loop. Every stage reads and writes named files under runs/<name>/;
+a stage whose output exists is skipped, so running the same command again resumes where it
+stopped (the machinery for that is in runs.py, the devices in pipeline.py and parallel.py).
 """
 import argparse
-import contextlib
 import dataclasses
+import functools
 import json
 import math
-import os
-import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,12 +29,17 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import convert
 import data
+import files
 import judge as judges
+import lora
 import model as M
 import parallel
 import pipeline
-import quant
+import report
+import runs
+from runs import RunError
 
 HERE = Path(__file__).resolve().parent
 
@@ -125,124 +129,105 @@ def parse_args(argv=None):
     return Settings(**vars(p.parse_args(argv)))
 
 
-class RunError(RuntimeError):
-    """A run that cannot go on (NaN loss, out of memory, mixed settings): a one-line message."""
+# ----------------------------------------------------------------------------- the SPPO maths
+# From a judge's K x K matrix P (P[i][j] = P(y_i beats y_j)) to one training step.
+
+def build_pair(P):
+    """Each response's estimated win rate against pi_t is the mean of its row of P (the self
+    term 1/2 included, as the reference code): p_hat_i = (1/K) sum_j P[i][j]. Chosen = argmax,
+    rejected = argmin, first index on ties; None when best and worst tie (nothing to prefer)."""
+    P = np.asarray(P, dtype=np.float64)
+    if P.ndim != 2 or P.shape[0] != P.shape[1] or P.shape[0] < 2:
+        raise ValueError(f"P must be a K x K matrix with K >= 2, got shape {P.shape}")
+    if not np.isfinite(P).all():
+        raise ValueError("P has NaN or inf")
+    p_hat = P.mean(axis=1)
+    w, l = int(np.argmax(p_hat)), int(np.argmin(p_hat))
+    if p_hat[w] - p_hat[l] <= 1e-9:  # up to float rounding
+        return None
+    return {
+        "chosen_idx": w,
+        "rejected_idx": l,
+        "chosen_probs": float(P[w, l]),
+        "chosen_probs_win": float(p_hat[w]),
+        "chosen_probs_lose": float(p_hat[l]),
+    }
 
 
-def crash_point(stage):
-    """Test hook: SPPO_CRASH_AT=<stage>:<n> SIGKILLs this process the n-th time `stage` has
-    just written a resume point (stages: generate, judge, pairs, train, merge, evaluate), so
-    tests can prove a killed run resumes to the same result."""
-    want = os.environ.get("SPPO_CRASH_AT", "")
-    if want.partition(":")[0] != stage:
-        return
-    crash_point.seen[stage] = crash_point.seen.get(stage, 0) + 1
-    if crash_point.seen[stage] == int(want.partition(":")[2] or 1):
-        os.kill(os.getpid(), 9)
+def preference_loss(kind, logp_w, logp_l, ref_w, ref_l, p_win, p_lose, p_wl, eta, beta):
+    """Per-pair losses. logr = log pi_theta(y|x) - log pi_t(y|x).
+
+    sppo:        the paper's eq. (4.2) on both responses, with p_hat = estimated win rates
+                 ((logr_w - eta (p_win - 1/2))^2 + (logr_l - eta (p_lose - 1/2))^2) / 2
+    sppo_single: the same with the pair's own P(y_w > y_l) for both (the reference's variant)
+    dpo, ipo:    the baselines the paper compares with.
+
+    The square loss pulls each response's log-ratio towards eta times how much better than
+    average it is: a multiplicative-weights step pi_{t+1}(y) ~ pi_t(y) exp(eta P(y > pi_t)).
+    """
+    logr_w, logr_l = logp_w - ref_w, logp_l - ref_l
+    if kind == "sppo":
+        return ((logr_w - eta * (p_win - 0.5)) ** 2 + (logr_l - eta * (p_lose - 0.5)) ** 2) / 2
+    if kind == "sppo_single":
+        return ((logr_w - eta * (p_wl - 0.5)) ** 2 + (logr_l + eta * (p_wl - 0.5)) ** 2) / 2
+    if kind == "dpo":
+        return -F.logsigmoid(beta * (logr_w - logr_l))
+    if kind == "ipo":
+        return (logr_w - logr_l - 1 / (2 * beta)) ** 2
+    raise ValueError(f"unknown loss {kind!r}")
 
 
-crash_point.seen = {}
+def train_step(score, batch, s, pad_id, dev, amp=None):
+    """One micro-batch: policy log-probs of chosen and rejected in one forward, then the loss.
+    score(ids, mask) -> log-probs: model.sequence_logps on the policy (or on pipeline.GPipe over
+    it), or under torchrun its DDP wrapper. amp: bf16 autocast, by default on CUDA only (tests
+    turn it off to compare in float32)."""
+    ids, mask = pair_tensors(batch, s, pad_id, dev)
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda" if amp is None else amp):
+        logps = score(ids, mask)
+    n = len(batch)
+    f = lambda key: torch.tensor([p[key] for p in batch], device=logps.device, dtype=torch.float32)
+    losses = preference_loss(s.loss, logps[:n], logps[n:], f("ref_chosen_logp"), f("ref_rejected_logp"),
+                             f("chosen_probs_win"), f("chosen_probs_lose"), f("chosen_probs"), s.eta, s.beta)
+    return losses.mean()
 
 
-def device_of(s):
-    """The (first) device: inputs go there. With --devices, the last one holds the head."""
-    if s.devices:
-        return torch.device(s.devices.split(",")[0])
-    return torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def workload(s):
-    return pipeline.Workload(lora_r=s.lora_r, targets=tuple(s.lora_targets.split(",")), train_seqs=2 * s.batch_size,
-                             seq_len=s.max_len, resp_len=s.max_len - min(s.max_prompt_len, s.max_len // 2),
-                             grad_ckpt=s.grad_ckpt, gen_batch=max(s.gen_batch, s.eval_batch), gen_len=s.max_prompt_len + s.max_new_tokens,
-                             compute_bytes=torch.finfo(compute_dtype(device_of(s))).bits // 8)
-
-
-def memory_plan(s, path):
-    """(split bounds, per-device rows) for --devices; one device is one stage."""
-    devices = s.devices.split(",") if s.devices else [str(device_of(s))]
-    caps = [s.device_mem * pipeline.GiB] * len(devices) if s.device_mem else None
-    return pipeline.plan(M.Config.from_hf(path), devices, workload(s), caps)
-
-
-def load(s, path, quantized=False):
-    """pi_t on the device(s): bf16/fp32 for sampling, NF4 for scoring and training."""
-    dev = device_of(s)
-    where = dev
-    if s.devices:
-        bounds, _ = memory_plan(s, path)
-        where = pipeline.device_map(bounds, s.devices.split(","))
-    if quantized:
-        m = quant.quantize_model(path, compute_dtype(dev), where, quant_type=s.quant_type)
-    else:
-        m = M.load_model(path, compute_dtype(dev), where)
-    m.stage_bounds = bounds if s.devices else None
-    return m
-
-
-def compute_dtype(dev):
-    return torch.bfloat16 if dev.type == "cuda" else torch.float32
-
-
-def messages_of(row):
-    return row.get("messages") or [{"role": "user", "content": row["prompt"]}]
+def pair_tensors(pairs, s, pad_id, device):
+    """Right-padded [chosen..., rejected...] sequences and masks of their response tokens.
+    Too-long prompts keep their end (the instruction's last words and the assistant header)."""
+    seqs, masks = [], []
+    for key in ("chosen_ids", "rejected_ids"):
+        for p in pairs:
+            prompt = p["prompt_ids"][-s.max_prompt_len:]
+            resp = p[key][:max(1, s.max_len - len(prompt))]
+            seqs.append(prompt + resp)
+            masks.append([0] * len(prompt) + [1] * len(resp))
+    T = max(map(len, seqs))
+    ids = torch.tensor([x + [pad_id] * (T - len(x)) for x in seqs], device=device)
+    mask = torch.tensor([m + [0] * (T - len(m)) for m in masks], device=device, dtype=torch.bool)
+    return ids, mask
 
 
 # ----------------------------------------------------------------------------- 1. generate
 
-def in_chunks(rows, size, out_path, work, stage, desc, unit, setup=None, per=None):
-    """The shape of every stage that works through rows in chunks (sampling, judging, scoring).
-
-    work(c, chunk, ctx) turns chunk c into output lines (one per row, with its id); they are
-    appended to out_path's `.partial.jsonl` as each chunk finishes, so a killed run redoes only
-    the unfinished chunks (lines are read back by id: a chunk done twice counts once). setup(todo
-    rows) -> ctx runs once, only when work is left (loading a model). With torchrun the chunks
-    are dealt over the ranks, `per` per round (default one per rank), and rank 0 appends each
-    round's chunks in order, so the artifact is the one a single process writes (parallel.py)."""
-    if out_path.exists():
-        return data.read_jsonl(out_path)
-    part = out_path.with_suffix(".partial.jsonl")
-    done = data.done_ids(part)
-    parallel.barrier()  # every rank has read the resume state before rank 0 appends
-    chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
-    todo = [c for c, chunk in enumerate(chunks) if not all(r["id"] in done for r in chunk)]
-    ctx = setup([r for c in todo for r in chunks[c]]) if todo and setup else None
-    bar = tqdm(total=len(rows), initial=len(done & {r["id"] for r in rows}), desc=desc, unit=unit)
-    for c, group in parallel.rounds(todo, per):
-        lines = work(c, chunks[c], ctx) if c is not None else []
-        lines = [x for got in parallel.gather(lines) for x in got]  # the round's chunks, in order
-        if parallel.is_main():
-            data.append_jsonl(part, lines)
-            crash_point(stage)
-        bar.update(sum(len(chunks[g]) for g in group))
-    bar.close()
-    out = None
-    if parallel.is_main():
-        got = {r["id"]: r for r in data.read_jsonl_tolerant(part)}
-        out = [got[r["id"]] for r in rows]
-        data.write_jsonl(out_path, out)
-        part.unlink(missing_ok=True)
-    return parallel.share(out)
-
-
 def sample(s, policy_dir, tok, rows, out_path, seeds, greedy=False, desc="generate", batch=0):
     """K samples per prompt (seed seeds[k] for the k-th, as the reference's K vLLM passes),
-    in chunks of gen_batch prompts (`in_chunks`): the same chunk always gets the same seeds, so
+    in chunks of gen_batch prompts (`runs.in_chunks`): the same chunk always gets the same seeds, so
     a resumed run samples what an uninterrupted one would."""
     temperature = 0.0 if greedy else s.temperature
 
     def setup(todo):
         if s.backend != "vllm":
-            return load(s, policy_dir)
+            return pipeline.load(s, policy_dir)
         if parallel.is_main():  # one child process for the whole stage: loading vLLM is slow
             import vllm_backend
-            every = vllm_backend.generate(policy_dir, [tok.encode_chat(messages_of(r)) for r in todo], s.max_new_tokens,
+            every = vllm_backend.generate(policy_dir, [tok.encode_chat(data.messages_of(r)) for r in todo], s.max_new_tokens,
                                           temperature, s.top_p, s.top_k, tok.stop_ids, seeds,
                                           memory=s.vllm_memory, tp=s.vllm_tp)
             return every, {r["id"]: i for i, r in enumerate(todo)}
 
     def work(c, chunk, ctx):
-        ids = [tok.encode_chat(messages_of(r)) for r in chunk]
+        ids = [tok.encode_chat(data.messages_of(r)) for r in chunk]
         if s.backend == "vllm":
             every, at = ctx
             outs = [[o[at[r["id"]]] for r in chunk] for o in every]
@@ -259,7 +244,7 @@ def sample(s, policy_dir, tok, rows, out_path, seeds, greedy=False, desc="genera
         return lines
 
     # vLLM parallelises itself, so with torchrun rank 0 runs it alone: one chunk per round, its own.
-    return in_chunks(rows, batch or s.gen_batch, out_path, work, "generate", desc, "prompt", setup,
+    return runs.in_chunks(rows, batch or s.gen_batch, out_path, work, "generate", desc, "prompt", setup,
                      per=1 if s.backend == "vllm" else None)
 
 
@@ -272,72 +257,54 @@ def make_judge(s, tok):
         if not s.pairrm_dir:
             raise RunError("--judge pairrm needs --pairrm-dir (a local copy of llm-blender/PairRM; see README)")
         return judges.make_judge("pairrm", ranker_dir=s.pairrm_dir, backbone_dir=s.pairrm_backbone or None,
-                                 mode=s.pairrm_mode, batch_size=s.judge_batch, device=str(device_of(s)))
+                                 mode=s.pairrm_mode, batch_size=s.judge_batch, device=str(pipeline.device_of(s)))
     if not s.judge_model:
         raise RunError("--judge llm needs --judge-model (a local HF folder)")
-    jm = load(s, s.judge_model)
+    jm = pipeline.load(s, s.judge_model)
     return judges.make_judge("llm", model=jm, tokenizer=data.Tokenizer.from_dir(s.judge_model), batch_size=s.judge_batch)
 
 
 def judge_responses(s, judge, tok, rows, responses, out_path):
-    """P matrices, one per prompt, in chunks of judge_batch prompts (`in_chunks`). The prompt
+    """P matrices, one per prompt, in chunks of judge_batch prompts (`runs.in_chunks`). The prompt
     shown to PairRM is chat-rendered, as in the reference."""
     by_id = {g["id"]: g for g in responses}
 
     def work(c, chunk, ctx):
-        Ps = judge([tok.render_chat(messages_of(r)) for r in chunk], [by_id[r["id"]]["responses"] for r in chunk], chunk)
+        Ps = judge([tok.render_chat(data.messages_of(r)) for r in chunk], [by_id[r["id"]]["responses"] for r in chunk], chunk)
         return [{"id": r["id"], "P": np.asarray(P).tolist()} for r, P in zip(chunk, Ps)]
 
-    return in_chunks(rows, s.judge_batch, out_path, work, "judge", "judge", "prompt")
+    return runs.in_chunks(rows, s.judge_batch, out_path, work, "judge", "judge", "prompt")
 
 
-# ----------------------------------------------------------------------------- 3. pairs + reference
+# ----------------------------------------------------------------------------- 3. pairs + reference log-probs
 
-def pair_tensors(pairs, s, pad_id, device):
-    """Right-padded [chosen..., rejected...] sequences and masks of their response tokens.
-
-    Right padding needs no attention mask: with causal attention no real token sees a pad.
-    Too-long prompts keep their end (the instruction's last words and the assistant header).
-    """
-    seqs, masks = [], []
-    for key in ("chosen_ids", "rejected_ids"):
-        for p in pairs:
-            prompt = p["prompt_ids"][-s.max_prompt_len:]
-            resp = p[key][:max(1, s.max_len - len(prompt))]
-            seqs.append(prompt + resp)
-            masks.append([0] * len(prompt) + [1] * len(resp))
-    T = max(map(len, seqs))
-    ids = torch.tensor([x + [pad_id] * (T - len(x)) for x in seqs], device=device)
-    mask = torch.tensor([m + [0] * (T - len(m)) for m in masks], device=device, dtype=torch.bool)
-    return ids, mask
-
-
-def sequence_logps(model, ids, resp_mask, micro_batches=1):
-    """sum_t log pi(y_t | x, y_<t) over each row's response tokens (prompt tokens masked).
-
-    Right-padded rows run in groups of similar length, each cut to its longest row, so little
-    time goes to padding (model.length_groups)."""
-    ends = (resp_mask.long() * torch.arange(1, ids.shape[1] + 1, device=ids.device)).amax(1).clamp(min=1).tolist()
-    groups = M.length_groups(ends)
-    if len(groups) == 1:
-        return group_logps(model, ids[:, :max(ends)], resp_mask[:, :max(ends)], micro_batches)
-    parts = [group_logps(model, ids[g, :ends[g[0]]], resp_mask[g, :ends[g[0]]], micro_batches) for g in groups]
-    order = torch.tensor([i for g in groups for i in g], device=parts[0].device)
-    return torch.cat(parts)[order.argsort()]
-
-
-def group_logps(model, ids, resp_mask, micro_batches):
-    """sequence_logps of one group. The LM head runs only where a response token is predicted:
-    with a 49k-128k vocabulary the logits of prompt and padding positions would cost as much as
-    the rest of the model. Split over devices, the hidden states come from the pipeline
-    (pipeline.hidden_states) and the head runs on the last device."""
-    h = pipeline.hidden_states(model, ids, micro_batches)[:, :-1]
-    ids, resp_mask = ids.to(h.device), resp_mask.to(h.device)
-    where = resp_mask[:, 1:]
-    logits = model.logits(h[where]).float()  # the head, soft-capped for Gemma-2
-    logp = -F.cross_entropy(logits, ids[:, 1:][where], reduction="none")
-    rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(where)[where]
-    return torch.zeros(ids.shape[0], device=ids.device, dtype=logp.dtype).index_add(0, rows, logp)
+def build_pairs(rows):
+    """rows of {"id", "prompt", "responses": [K str], "P": K x K} -> (pairs, stats)."""
+    pairs = []
+    stats = {"prompts": 0, "pairs": 0, "identical": 0, "tied": 0, "same_text": 0}
+    for row in rows:
+        stats["prompts"] += 1
+        responses = row["responses"]
+        if len(responses) != len(row["P"]):
+            raise ValueError(f"prompt {row['id']}: {len(responses)} responses but P is {len(row['P'])} x ...")
+        # all K samples identical (e.g. greedy-like sampling): any P is judge noise, skip before looking
+        if len(set(responses)) == 1:
+            stats["identical"] += 1
+            continue
+        pair = build_pair(row["P"])
+        if pair is None:
+            stats["tied"] += 1
+            continue
+        chosen, rejected = responses[pair["chosen_idx"]], responses[pair["rejected_idx"]]
+        if chosen == rejected:  # duplicates among the K scored apart: pushing one text both up and down
+            stats["same_text"] += 1
+            continue
+        out = {"id": row["id"], "prompt": row["prompt"], "chosen": chosen, "rejected": rejected, **pair}
+        if "messages" in row:  # keep the chat form so the trainer renders the same prompt the sampler saw
+            out["messages"] = row["messages"]
+        pairs.append(out)
+    stats["pairs"] = len(pairs)
+    return pairs, stats
 
 
 def with_eos(tokens, finished, eos):
@@ -351,10 +318,10 @@ def make_pairs(s, tok, policy_dir, responses, judgments, out_path):
     The reference model is the frozen NF4 pi_t that training starts from (adapter off), so
     the log-ratio is exactly 0 at step 0. It is computed once, here, before any training."""
     if out_path.exists():
-        return data.read_jsonl(out_path)
+        return files.read_jsonl(out_path)
     by_id = {g["id"]: g for g in responses}
     rows = [dict(by_id[j["id"]], P=j["P"], prompt=by_id[j["id"]]["prompt_ids"]) for j in judgments]
-    pairs, stats = data.build_pairs(rows)
+    pairs, stats = build_pairs(rows)
     for p in pairs:
         g = by_id[p["id"]]
         w, l = p["chosen_idx"], p["rejected_idx"]
@@ -362,86 +329,39 @@ def make_pairs(s, tok, policy_dir, responses, judgments, out_path):
         p["chosen_ids"] = with_eos(g["response_ids"][w], g["finished"][w], tok.eos_id)
         p["rejected_ids"] = with_eos(g["response_ids"][l], g["finished"][l], tok.eos_id)
         p.pop("prompt")
-    dev = device_of(s)
+    dev = pipeline.device_of(s)
 
     def work(c, batch, base):
         ids, mask = pair_tensors(batch, s, tok.pad_id, dev)
         with torch.no_grad():
-            lp = sequence_logps(base, ids, mask, s.micro_batches).tolist()
+            lp = M.sequence_logps(base, ids, mask).tolist()
         return [dict(p, ref_chosen_logp=lp[j], ref_rejected_logp=lp[len(batch) + j]) for j, p in enumerate(batch)]
 
-    pairs = in_chunks(pairs, s.batch_size, out_path, work, "pairs", "reference log-probs", "pair",
-                      setup=lambda todo: load(s, policy_dir, quantized=True))
+    pairs = runs.in_chunks(pairs, s.batch_size, out_path, work, "pairs", "reference log-probs", "pair",
+                           setup=lambda todo: pipeline.micro_batched(pipeline.load(s, policy_dir, quantized=True), s.micro_batches))
     print(f"  pairs: {len(pairs)} from {len(rows)} prompts; no pair: {stats}")
     return pairs
 
 
-# ----------------------------------------------------------------------------- 4. the SPPO update
-
-def preference_loss(kind, logp_w, logp_l, ref_w, ref_l, p_win, p_lose, p_wl, eta, beta):
-    """Per-pair losses. logr = log pi_theta(y|x) - log pi_t(y|x).
-
-    sppo:        the paper's eq. (4.2) on both responses, with p_hat = estimated win rates
-                 ((logr_w - eta (p_win - 1/2))^2 + (logr_l - eta (p_lose - 1/2))^2) / 2
-    sppo_single: the same with the pair's own P(y_w > y_l) for both (the reference's variant)
-    dpo, ipo:    the baselines the paper compares with.
-    """
-    logr_w, logr_l = logp_w - ref_w, logp_l - ref_l
-    if kind == "sppo":
-        return ((logr_w - eta * (p_win - 0.5)) ** 2 + (logr_l - eta * (p_lose - 0.5)) ** 2) / 2
-    if kind == "sppo_single":
-        return ((logr_w - eta * (p_wl - 0.5)) ** 2 + (logr_l + eta * (p_wl - 0.5)) ** 2) / 2
-    if kind == "dpo":
-        return -F.logsigmoid(beta * (logr_w - logr_l))
-    if kind == "ipo":
-        return (logr_w - logr_l - 1 / (2 * beta)) ** 2
-    raise ValueError(f"unknown loss {kind!r}")
-
-
-def train_step(model, batch, s, pad_id, dev, forward=None, amp=None):
-    """One micro-batch: policy log-probs of chosen and rejected in one forward, then the loss.
-    forward: the DDP-wrapped ResponseLogps of model under torchrun. amp: bf16 autocast, by
-    default on CUDA only (tests turn it off to compare in float32)."""
-    ids, mask = pair_tensors(batch, s, pad_id, dev)
-    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda" if amp is None else amp):
-        logps = forward(ids, mask) if forward else sequence_logps(model, ids, mask, s.micro_batches)
-    n = len(batch)
-    f = lambda key: torch.tensor([p[key] for p in batch], device=logps.device, dtype=torch.float32)
-    losses = preference_loss(s.loss, logps[:n], logps[n:], f("ref_chosen_logp"), f("ref_rejected_logp"),
-                             f("chosen_probs_win"), f("chosen_probs_lose"), f("chosen_probs"), s.eta, s.beta)
-    return losses.mean()
-
-
-class ResponseLogps(torch.nn.Module):
-    """sequence_logps as a module, for DistributedDataParallel: DDP arms its gradient
-    all-reduce in its own forward call, and our forward is sequence_logps, not model()."""
-
-    def __init__(self, model, micro_batches):
-        super().__init__()
-        self.model, self.micro_batches = model, micro_batches
-
-    def forward(self, ids, mask):
-        return sequence_logps(self.model, ids, mask, self.micro_batches)
-
+# ----------------------------------------------------------------------------- 4. train
 
 def lora_config(s):
-    return quant.LoRAConfig(r=s.lora_r, alpha=s.lora_alpha, dropout=s.lora_dropout,
-                            targets=tuple(s.lora_targets.split(",")))
+    return lora.LoRAConfig(r=s.lora_r, alpha=s.lora_alpha, dropout=s.lora_dropout,
+                           targets=tuple(s.lora_targets.split(",")))
 
 
 def train(s, tok, policy_dir, pairs, work_dir, adapter_dir):
     """LoRA on an NF4 copy of pi_t. Resumes from work_dir/ckpt.pt (written atomically)."""
     if (adapter_dir / "adapter_config.json").exists():
-        return data.read_jsonl(work_dir / "losses.jsonl") if (work_dir / "losses.jsonl").exists() else []
+        return files.read_jsonl(work_dir / "losses.jsonl") if (work_dir / "losses.jsonl").exists() else []
     if not pairs:
         raise RunError(f"{work_dir.parent}/pairs.jsonl has no pairs: nothing to train on")
-    dev = device_of(s)
+    dev = pipeline.device_of(s)
     torch.manual_seed(s.seed)
-    model = load(s, policy_dir, quantized=True)
-    quant.add_lora(model, lora_config(s))
-    if s.grad_ckpt:
-        quant.enable_checkpointing(model)
-    params = list(quant.lora_params(model).values())
+    model = pipeline.load(s, policy_dir, quantized=True)
+    lora.add_lora(model, lora_config(s))
+    model.grad_ckpt = s.grad_ckpt
+    params = list(lora.lora_params(model).values())
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
     per_epoch = math.ceil(len(pairs) / s.batch_size)
     total = math.ceil(per_epoch * s.epochs / s.grad_accum)
@@ -457,9 +377,9 @@ def train(s, tok, policy_dir, pairs, work_dir, adapter_dir):
         opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])
         step, log = st["step"], st["log"]
-    W, forward = parallel.world(), None
-    if W > 1:  # with torchrun: LoRA gradients all-reduced by DDP (parallel.ddp)
-        forward = parallel.ddp(ResponseLogps(model, s.micro_batches))
+    W, net = parallel.world(), pipeline.micro_batched(model, s.micro_batches)
+    # with torchrun: LoRA gradients all-reduced by DDP (parallel.ddp)
+    score = parallel.ddp(net) if W > 1 else functools.partial(M.sequence_logps, net)
     # The order of micro-batches is a pure function of (seed, epoch): a resumed run replays it.
     order = []
     for e in range(s.epochs):
@@ -476,16 +396,16 @@ def train(s, tok, policy_dir, pairs, work_dir, adapter_dir):
             # A rank dealt no pair runs one with weight 0 (DDP needs a backward from every rank).
             mine = mb[parallel.rank()::W]
             share = len(mine) / len(mb)
-            loss = train_step(model, [pairs[i] for i in mine or mb[:1]], s, tok.pad_id, dev, forward)
+            loss = train_step(score, [pairs[i] for i in mine or mb[:1]], s, tok.pad_id, dev)
             whole = loss.item() * share if W == 1 else sum(parallel.gather(loss.item() * share))
             if not math.isfinite(whole):
-                not_finite(f"loss is {whole}", step, ckpt)
+                runs.not_finite(f"loss is {whole}", step, ckpt)
             (loss * (share * W) / len(micro)).backward()
             loss_sum += whole / len(micro)
         # a finite loss can still give inf gradients; stepping on them would put NaN in the weights
         norm = torch.nn.utils.clip_grad_norm_(params, s.clip)
         if not torch.isfinite(norm):
-            not_finite(f"gradient norm is {norm.item()}", step, ckpt)
+            runs.not_finite(f"gradient norm is {norm.item()}", step, ckpt)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -494,27 +414,14 @@ def train(s, tok, policy_dir, pairs, work_dir, adapter_dir):
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.4f}")
         if (step % s.ckpt_every == 0 or step == total) and parallel.is_main():
-            save_atomic(ckpt, {"lora": [p.detach().cpu() for p in params], "opt": opt.state_dict(),
-                               "sched": sched.state_dict(), "step": step, "log": log})
-            crash_point("train")
+            files.save_torch(ckpt, {"lora": [p.detach().cpu() for p in params], "opt": opt.state_dict(),
+                                    "sched": sched.state_dict(), "step": step, "log": log})
+            runs.resume_point("train")
     bar.close()
     if parallel.is_main():
-        data.write_jsonl(work_dir / "losses.jsonl", log)
-        quant.save_adapter(model, lora_config(s), adapter_dir, base_path=str(policy_dir))
+        files.write_jsonl(work_dir / "losses.jsonl", log)
+        lora.save_adapter(model, lora_config(s), adapter_dir, base_path=str(policy_dir))
     return log
-
-
-def not_finite(what, step, ckpt):
-    """Stop before a NaN/inf reaches the weights: ckpt (if any) holds the last good ones."""
-    kept = f"the last good checkpoint {ckpt} (step {torch.load(ckpt)['step']}) is kept" if ckpt.exists() else "no checkpoint was written yet"
-    raise RunError(f"training {what} at step {step + 1}; {kept}. Lower --lr or --eta, or check the pairs in "
-                   f"{ckpt.parent.parent}/pairs.jsonl for inf/NaN reference log-probs")
-
-
-def save_atomic(path, obj):
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- 5. merge
@@ -525,16 +432,16 @@ def merge(s, policy_dir, adapter_dir, out_dir):
         parallel.barrier()  # with torchrun: the others wait for rank 0's merge before loading pi_{t+1}
         return out_dir
     with torch.device("meta"):
-        skeleton = M.Transformer(M.Config.from_hf(policy_dir))
-    quant.add_lora(skeleton, lora_config(s))
-    quant.load_adapter(skeleton, adapter_dir)
+        skeleton = M.create(M.Config.from_hf(policy_dir))
+    lora.add_lora(skeleton, lora_config(s))
+    lora.load_adapter(skeleton, adapter_dir)
     bar = tqdm(total=len(M.checkpoint_files(policy_dir)), desc="merge", unit="shard")
 
     def shard_done(file):
         bar.update(1)
-        crash_point("merge")
+        runs.resume_point("merge")
 
-    quant.merge_lora(policy_dir, skeleton, out_dir, dtype=getattr(torch, s.merged_dtype), on_shard=shard_done)
+    lora.merge_lora(policy_dir, skeleton, out_dir, dtype=getattr(torch, s.merged_dtype), on_shard=shard_done)
     bar.close()
     parallel.barrier()
     return out_dir
@@ -554,7 +461,7 @@ def evaluate(s, t, judge, tok, heldout, base_answers, new_answers, out_path, los
     constraint-satisfaction rates and their paired difference."""
     if out_path.exists():
         return json.loads(out_path.read_text())
-    prompts = [tok.render_chat(messages_of(r)) for r in heldout]
+    prompts = [tok.render_chat(data.messages_of(r)) for r in heldout]
     new = [a["responses"][0] for a in new_answers]
     old = [a["responses"][0] for a in base_answers]
     wins = []
@@ -563,149 +470,26 @@ def evaluate(s, t, judge, tok, heldout, base_answers, new_answers, out_path, los
         p1 = judge(prompts[sl], [[a, b] for a, b in zip(new[sl], old[sl])], heldout[sl])
         p2 = judge(prompts[sl], [[b, a] for a, b in zip(new[sl], old[sl])], heldout[sl])
         wins += [(P[0][1] + Q[1][0]) / 2 for P, Q in zip(p1, p2)]
-        crash_point("evaluate")
+        runs.resume_point("evaluate")
     res = {"iter": t, "win_rate": mean_ci(wins), "n_eval": len(wins), "train_loss": loss}
     if s.judge == "verifiable":
         sat_new = [judges.satisfaction(a, r["checks"]) for a, r in zip(new, heldout)]
         sat_old = [judges.satisfaction(a, r["checks"]) for a, r in zip(old, heldout)]
         res["sat_base"], res["sat_new"] = mean_ci(sat_old), mean_ci(sat_new)
         res["sat_gain"] = mean_ci(np.subtract(sat_new, sat_old))
-    data.write_json(out_path, res)
-    crash_point("evaluate")
+    files.write_json(out_path, res)
+    runs.resume_point("evaluate")
     return res
-
-
-def export_alpaca_eval(path, rows, answers, generator):
-    """Held-out answers as AlpacaEval's model_outputs.json: a JSON list of
-    {"instruction", "output", "generator"}, for `alpaca_eval --model_outputs` (see README). A truncated
-    prompt is exported with its full text: AlpacaEval matches outputs to its instructions by text."""
-    data.write_json(path, [{"instruction": r.get("full_prompt", r["prompt"]), "output": a["responses"][0], "generator": generator}
-                           for r, a in zip(rows, answers)])
-
-
-def plot_metrics(run_dir, table):
-    """runs/<name>/metrics.png: win rate vs pi_0 (95% CI bars) and the training loss, per iteration."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    it = [r["iter"] + 1 for r in table]
-    a.errorbar(it, [r["win_rate"][0] for r in table], yerr=[r["win_rate"][1] for r in table], fmt="o-", capsize=4)
-    a.axhline(0.5, color="gray", ls="--", lw=1)
-    a.set(xlabel="iteration", ylabel="win rate vs pi_0", title="held-out win rate (95% CI)", xticks=it)
-    for r in table:
-        f = run_dir / f"iter{r['iter']}" / "train" / "losses.jsonl"
-        log = data.read_jsonl(f) if f.exists() else []
-        b.plot([x["step"] for x in log], [x["loss"] for x in log], label=f"iteration {r['iter'] + 1}")
-    b.set(xlabel="optimizer step", ylabel="loss", title="training loss", yscale="symlog")
-    b.legend()
-    fig.tight_layout()
-    tmp = run_dir / "metrics.png.tmp"
-    fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
-    plt.close(fig)
-    os.replace(tmp, run_dir / "metrics.png")
 
 
 # ----------------------------------------------------------------------------- the loop
 
-def check_settings(s, run):
-    """Refuse to mix artifacts made with different settings in one run folder."""
-    mine = {k: v for k, v in dataclasses.asdict(s).items() if k not in Settings.HARMLESS}
-    f = run / "settings.json"
-    if f.exists():
-        old = json.loads(f.read_text())
-        for k, v in mine.items():
-            if k in old and old[k] != v:
-                raise RunError(f"{f}: this run was made with {k}={old[k]!r}, not {v!r}; "
-                               f"use another --name or the same setting")
-    if parallel.is_main():
-        data.write_json(f, mine)
-
-
-def fit_prompts(s, tok, rows):
-    """Prompts longer than --max-prompt-len tokens once chat-rendered: an error naming the
-    file and line, or (--long-prompts) cut or dropped. -> (rows, how many were too long)."""
-    out, n = [], 0
-    for r in rows:
-        ids = tok.encode_chat(messages_of(r))
-        if len(ids) <= s.max_prompt_len:
-            out.append(r)
-            continue
-        n += 1
-        if s.long_prompts == "error":
-            raise data.DataError(f"{r['where']}: prompt is {len(ids)} tokens, more than --max-prompt-len "
-                                 f"{s.max_prompt_len}; raise it or pass --long-prompts truncate or skip")
-        if s.long_prompts == "truncate":
-            out.append(truncate_prompt(s, tok, r))
-    return out, n
-
-
-def truncate_prompt(s, tok, r):
-    """Cut the start of the last user turn until the rendered prompt fits: its end (usually the
-    actual request) stays, as pair_tensors keeps a prompt's end."""
-    text = tok.encode(r["prompt"])
-    while True:
-        messages = r["messages"][:-1] + [{"role": "user", "content": tok.decode(text)}]
-        over = len(tok.encode_chat(messages)) - s.max_prompt_len
-        if over <= 0:
-            return dict(r, prompt=messages[-1]["content"], messages=messages, full_prompt=r["prompt"])
-        if over >= len(text):
-            raise data.DataError(f"{r['where']}: the chat template and earlier turns alone are longer than "
-                                 f"--max-prompt-len {s.max_prompt_len}")
-        text = text[over:]
-
-
-def remove_leftovers(run_dir):
-    """A killed process leaves its temporary files and folders (*.tmp*): every artifact appears by a
-    rename, so nothing reads them; remove them so a resumed run folder is the same as a clean one."""
-    for p in sorted(run_dir.rglob("*.tmp*"), reverse=True):
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-
-
-OOM_FLAGS = {  # out of GPU memory in a stage -> what to lower
-    "generate": "--gen-batch (--eval-batch in the evaluation) or --max-new-tokens",
-    "judge": "--judge-batch",
-    "pairs": "--batch-size or --max-len (or raise --micro-batches with --devices)",
-    "train": "--batch-size (raising --grad-accum keeps the effective batch) or --max-len, or add --grad-ckpt",
-    "merge": "nothing: merge works shard by shard; free the GPU of other processes",
-    "evaluate": "--eval-batch or --judge-batch",
-}
-
-
-@contextlib.contextmanager
-def stage(where, name):
-    """One stage: CUDA out-of-memory becomes a one-line error naming the flag to lower, and a
-    summary line is printed at the end (the block fills info["summary"])."""
-    info, t0 = {"summary": ""}, time.time()
-    try:
-        yield info
-    except torch.OutOfMemoryError:
-        raise RunError(f"out of GPU memory in {where} {name}: lower {OOM_FLAGS[name]} (finished work is kept; "
-                       f"flags that change results need a new --name)") from None
-    print(f"{where} {name}: {info['summary']}{', ' if info['summary'] else ''}{time.time() - t0:.0f} s", flush=True)
-
-
-def kilo(n):
-    return f"{n / 1000:.1f}k" if n >= 1000 else str(n)
-
-
-def split_prompts(s, rows):
-    """The pool shuffled once (seeded) and cut into `iters` disjoint parts, one per iteration."""
-    rows = list(rows)
-    random.Random(s.seed).shuffle(rows)
-    parts = [rows[i::s.iters] for i in range(s.iters)]
-    return [p[:s.prompts_per_iter] if s.prompts_per_iter else p for p in parts]
-
-
 def run(s):
     t0 = time.time()
     s.device, s.devices = parallel.setup(s.device, s.devices)  # torchrun: join the ranks, pick this one's devices
-    base_dir = Path(s.model) if s.model else M.embedded_model_dir()
+    base_dir = Path(s.model) if s.model else convert.embedded_model_dir()
     if s.plan or s.devices:
-        bounds, rows = memory_plan(s, base_dir)
+        bounds, rows = pipeline.run_plan(s, base_dir)
         fits = pipeline.print_plan(rows)
         if s.plan:
             sys.exit(0 if fits else 2)
@@ -716,14 +500,14 @@ def run(s):
     pool, stats = data.load_prompts(s.prompts)
     heldout, _ = data.load_prompts(s.heldout)
     heldout = heldout[:s.eval_prompts] if s.eval_prompts else heldout
-    pool, stats["too_long"] = fit_prompts(s, tok, pool)
-    heldout, long_heldout = fit_prompts(s, tok, heldout)
+    pool, stats["too_long"] = data.fit_prompts(pool, tok, s.max_prompt_len, s.long_prompts)
+    heldout, long_heldout = data.fit_prompts(heldout, tok, s.max_prompt_len, s.long_prompts)
     run_dir = Path(s.runs_dir) / s.name
     run_dir.mkdir(parents=True, exist_ok=True)
-    check_settings(s, run_dir)
+    runs.check_settings(s, run_dir, Settings.HARMLESS)
     if parallel.is_main():  # with torchrun only rank 0 writes, so only it cleans
-        remove_leftovers(run_dir)
-    parts = split_prompts(s, pool)
+        runs.remove_leftovers(run_dir)
+    parts = data.split_prompts(pool, s.iters, s.prompts_per_iter, s.seed)
     print(f"sppo: model {base_dir}, {len(pool)} prompts ({stats}), {s.iters} iterations x {len(parts[0])} prompts, "
           f"K={s.k}, judge {s.judge}, loss {s.loss}; run folder {run_dir}")
     if stats["too_long"] or long_heldout:
@@ -731,68 +515,50 @@ def run(s):
               f"{long_heldout} held-out ({'truncated' if s.long_prompts == 'truncate' else 'skipped'})")
     judge = make_judge(s, tok)
     seeds = [50 * k for k in range(s.k)]  # 0, 50, 100, 150, 200 as in the reference
-    with stage("base", "generate") as st:
+    with runs.stage("base", "generate") as st:
         base_answers = sample(s, base_dir, tok, heldout, run_dir / "eval_base.jsonl", [0], greedy=True, desc="eval pi_0",
                               batch=s.eval_batch)
         if parallel.is_main():
-            export_alpaca_eval(run_dir / "alpaca_eval" / "model_outputs.json", heldout, base_answers, f"{s.name}_pi0")
-        st["summary"] = answers_summary(base_answers, "held-out answers")
+            report.export_alpaca_eval(run_dir / "alpaca_eval" / "model_outputs.json", heldout, base_answers, f"{s.name}_pi0")
+        st["summary"] = report.answers_summary(base_answers, "held-out answers")
     policy, table = base_dir, []
     for t in range(s.iters):
         it = run_dir / f"iter{t}"
         it.mkdir(exist_ok=True)
         print(f"== iteration {t}: policy {policy}")
         where = f"iter {t}"
-        with stage(where, "generate") as st:
+        with runs.stage(where, "generate") as st:
             responses = sample(s, policy, tok, parts[t], it / "responses.jsonl", seeds)
-            st["summary"] = answers_summary(responses, "responses")
-        with stage(where, "judge") as st:
+            st["summary"] = report.answers_summary(responses, "responses")
+        with runs.stage(where, "judge") as st:
             judgments = judge_responses(s, judge, tok, parts[t], responses, it / "judgments.jsonl")
             st["summary"] = f"{len(judgments)} prompts, {len(judgments) * s.k * (s.k - 1) // 2} pairs of responses"
-        with stage(where, "pairs") as st:
+        with runs.stage(where, "pairs") as st:
             pairs = make_pairs(s, tok, policy, responses, judgments, it / "pairs.jsonl")
             st["summary"] = f"{len(pairs)} chosen/rejected pairs with reference log-probs"
         (it / "train").mkdir(exist_ok=True)
-        with stage(where, "train") as st:
+        with runs.stage(where, "train") as st:
             log = train(s, tok, policy, pairs, it / "train", it / "adapter")
             st["summary"] = f"{len(log)} steps, loss {log[0]['loss']:.4g} -> {log[-1]['loss']:.4g}" if log else "0 steps"
-        with stage(where, "merge") as st:
+        with runs.stage(where, "merge") as st:
             new = merge(s, policy, it / "adapter", it / "model")
             st["summary"] = f"pi_{t + 1} in {new}"
-        with stage(where, "evaluate") as st:
+        with runs.stage(where, "evaluate") as st:
             answers = sample(s, new, tok, heldout, it / "eval_answers.jsonl", [0], greedy=True,
                              desc="eval pi_%d" % (t + 1), batch=s.eval_batch)
             loss = float(np.mean([r["loss"] for r in log[-max(1, len(log) // 4):]])) if log else float("nan")
             if parallel.is_main():  # with torchrun the others go on and wait in the next collective
-                export_alpaca_eval(it / "alpaca_eval" / "model_outputs.json", heldout, answers, f"{s.name}_sppo_iter{t + 1}")
+                report.export_alpaca_eval(it / "alpaca_eval" / "model_outputs.json", heldout, answers, f"{s.name}_sppo_iter{t + 1}")
                 res = evaluate(s, t, judge, tok, heldout, base_answers, answers, it / "eval.json", loss)
                 wr, ci = res["win_rate"]
                 st["summary"] = f"win rate vs pi_0 {wr:.3f} +/- {ci:.3f} on {res['n_eval']} prompts"
                 table.append(res)
-                data.write_jsonl(run_dir / "metrics.jsonl", table)
-                plot_metrics(run_dir, table)
+                files.write_jsonl(run_dir / "metrics.jsonl", table)
+                report.plot_metrics(run_dir, table)
         policy = new
-    print_table(table, time.time() - t0)
+    report.print_table(table, time.time() - t0)
     parallel.finish()
     return table
-
-
-def answers_summary(rows, what):
-    n = sum(len(r["response_ids"]) for r in rows)
-    tokens = sum(len(x) for r in rows for x in r["response_ids"])
-    return f"{n} {what}, {kilo(tokens)} tokens"
-
-
-def print_table(table, seconds):
-    print("\n| iter | win rate vs pi_0 (95% CI) | train loss | held-out satisfaction: base -> new (gain, 95% CI) |")
-    print("|---|---|---|---|")
-    for r in table:
-        wr, ci = r["win_rate"]
-        sat = ""
-        if "sat_new" in r:
-            sat = f"{r['sat_base'][0]:.3f} -> {r['sat_new'][0]:.3f} ({r['sat_gain'][0]:+.3f} +/- {r['sat_gain'][1]:.3f})"
-        print(f"| {r['iter'] + 1} | {wr:.3f} +/- {ci:.3f} | {r['train_loss']:.4f} | {sat} |")
-    print(f"wall time {seconds / 60:.1f} min")
 
 
 def main(argv=None):
@@ -800,7 +566,7 @@ def main(argv=None):
     status 2, never a traceback."""
     try:
         return run(parse_args(argv))
-    except (data.DataError, M.ModelError, RunError) as e:
+    except (files.DataError, M.ModelError, RunError) as e:
         for bar in list(getattr(tqdm, "_instances", [])):  # end the stopped stage's bar: the error gets its own line
             bar.close()
         print(f"error: {e}", file=sys.stderr)

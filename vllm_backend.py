@@ -40,6 +40,7 @@ def generate(model_dir, prompts, max_new_tokens, temperature, top_p, top_k, stop
 
 
 def _serve(req_path, resp_path):
+    import files  # this file's folder is on sys.path when it runs as a script
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
     req = json.loads(Path(req_path).read_text())
@@ -53,9 +54,7 @@ def _serve(req_path, resp_path):
                                 skip_special_tokens=False)
         res = llm.generate(prompts, params, use_tqdm=False)
         outputs.append([list(r.outputs[0].token_ids) for r in res])
-    tmp = Path(resp_path).with_suffix(".tmp")
-    tmp.write_text(json.dumps({"outputs": outputs}))
-    os.replace(tmp, resp_path)
+    files.write_text(resp_path, json.dumps({"outputs": outputs}))
 
 
 if __name__ == "__main__":  # vLLM starts worker processes that re-import this file

@@ -15,6 +15,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
+import files  # noqa: E402
+import sppo  # noqa: E402
 from data import DataError, Tokenizer  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -395,25 +397,25 @@ def test_load_prompts_malformed_parquet(tmp_path):
 def test_write_jsonl_roundtrip_and_atomic(tmp_path):
     path = tmp_path / "out.jsonl"
     old = [{"id": "1", "text": "héllo\nworld"}, {"id": "2", "x": [1, 2.5, None]}]
-    data.write_jsonl(path, old)
+    files.write_jsonl(path, old)
     assert path.read_bytes().count(b"\n") == 2  # one line per row, newline inside a string is escaped
-    assert data.read_jsonl(path) == old
+    assert files.read_jsonl(path) == old
 
     def rows_then_crash():
         yield {"id": "3"}
         raise RuntimeError("killed mid-write")
 
     with pytest.raises(RuntimeError):
-        data.write_jsonl(path, rows_then_crash())
+        files.write_jsonl(path, rows_then_crash())
     with pytest.raises(TypeError):
-        data.write_jsonl(path, [{"id": "4"}, {"bad": object()}])
-    assert data.read_jsonl(path) == old
+        files.write_jsonl(path, [{"id": "4"}, {"bad": object()}])
+    assert files.read_jsonl(path) == old
     assert os.listdir(tmp_path) == ["out.jsonl"]  # no temp files left behind
 
 
 def test_write_json_atomic(tmp_path, monkeypatch):
     path = tmp_path / "run.json"
-    data.write_json(path, {"step": 1, "name": "é"})
+    files.write_json(path, {"step": 1, "name": "é"})
     assert json.loads(path.read_text(encoding="utf-8")) == {"step": 1, "name": "é"}
 
     def crash(*a):
@@ -421,7 +423,7 @@ def test_write_json_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(OSError):
-        data.write_json(path, {"step": 2})
+        files.write_json(path, {"step": 2})
     monkeypatch.undo()
     assert json.loads(path.read_text(encoding="utf-8")) == {"step": 1, "name": "é"}
     assert os.listdir(tmp_path) == ["run.json"]
@@ -431,25 +433,25 @@ def test_read_jsonl_names_bad_line(tmp_path):
     path = tmp_path / "x.jsonl"
     path.write_text('{"a": 1}\n{"a": 2\n{"a": 3}\n')
     with pytest.raises(DataError, match=r"x\.jsonl:2: bad JSON"):
-        data.read_jsonl(path)
+        files.read_jsonl(path)
 
 
 def test_append_and_resume_after_torn_line(tmp_path):
     path = tmp_path / "gen.jsonl"
-    assert data.read_jsonl_tolerant(path) == [] and data.done_ids(path) == set()
-    data.append_jsonl(path, [{"id": "1", "t": "a"}, {"id": "2", "t": "b"}])
-    data.append_jsonl(path, [{"id": "3", "t": "c"}])
+    assert files.read_jsonl_tolerant(path) == [] and files.done_ids(path) == set()
+    files.append_jsonl(path, [{"id": "1", "t": "a"}, {"id": "2", "t": "b"}])
+    files.append_jsonl(path, [{"id": "3", "t": "c"}])
     # a kill in the middle of the next write: half a row, cut inside a 2-byte UTF-8 char, no newline
     with open(path, "ab") as f:
         f.write('{"id": "4", "t": "é'.encode()[:-1])
     with pytest.raises(DataError, match=r"gen\.jsonl:4:"):
-        data.read_jsonl(path)
-    assert [r["id"] for r in data.read_jsonl_tolerant(path)] == ["1", "2", "3"]
-    assert data.done_ids(path) == {"1", "2", "3"}
+        files.read_jsonl(path)
+    assert [r["id"] for r in files.read_jsonl_tolerant(path)] == ["1", "2", "3"]
+    assert files.done_ids(path) == {"1", "2", "3"}
     # resume: redo only what isn't done; the torn tail must not glue onto the new line
-    todo = [{"id": i, "t": "x"} for i in ["1", "2", "3", "4", "5"] if i not in data.done_ids(path)]
-    data.append_jsonl(path, todo)
-    rows = data.read_jsonl(path)
+    todo = [{"id": i, "t": "x"} for i in ["1", "2", "3", "4", "5"] if i not in files.done_ids(path)]
+    files.append_jsonl(path, todo)
+    rows = files.read_jsonl(path)
     assert [r["id"] for r in rows] == ["1", "2", "3", "4", "5"]
     assert path.read_bytes().endswith(b"\n")
 
@@ -458,7 +460,7 @@ def test_tolerant_read_still_rejects_damage_in_the_middle(tmp_path):
     path = tmp_path / "gen.jsonl"
     path.write_text('{"id": "1"}\n{"id": \n{"id": "3"}\n')
     with pytest.raises(DataError, match=r"gen\.jsonl:2:"):
-        data.read_jsonl_tolerant(path)
+        files.read_jsonl_tolerant(path)
 
 
 # -----------------------------------------------------------------------------
@@ -478,7 +480,7 @@ def test_build_pair_hand_computed():
     #   p2 = (0.40 + 0.10 + 0.50 + 0.20) / 4 = 1.20 / 4 = 0.3     <- min: rejected
     #   p3 = (0.55 + 0.40 + 0.80 + 0.50) / 4 = 2.25 / 4 = 0.5625
     # chosen_probs = P[1][2] = 0.9
-    got = data.build_pair(P)
+    got = sppo.build_pair(P)
     assert got == {
         "chosen_idx": 1,
         "rejected_idx": 2,
@@ -491,21 +493,21 @@ def test_build_pair_hand_computed():
 
 def test_build_pair_ties_take_first_index():
     # p = [(0.5+0.5+0.8)/3, (0.5+0.5+0.8)/3, (0.2+0.2+0.5)/3] = [0.6, 0.6, 0.3]: chosen is the first max (0)
-    got = data.build_pair([[0.5, 0.5, 0.8], [0.5, 0.5, 0.8], [0.2, 0.2, 0.5]])
+    got = sppo.build_pair([[0.5, 0.5, 0.8], [0.5, 0.5, 0.8], [0.2, 0.2, 0.5]])
     assert (got["chosen_idx"], got["rejected_idx"]) == (0, 2)
     assert got["chosen_probs"] == pytest.approx(0.8)
     # p = [(0.5+0.8+0.8)/3, (0.2+0.5+0.5)/3, (0.2+0.5+0.5)/3] = [0.7, 0.4, 0.4]: rejected is the first min (1)
-    got = data.build_pair([[0.5, 0.8, 0.8], [0.2, 0.5, 0.5], [0.2, 0.5, 0.5]])
+    got = sppo.build_pair([[0.5, 0.8, 0.8], [0.2, 0.5, 0.5], [0.2, 0.5, 0.5]])
     assert (got["chosen_idx"], got["rejected_idx"]) == (0, 1)
     assert (got["chosen_probs_win"], got["chosen_probs_lose"]) == (pytest.approx(0.7), pytest.approx(0.4))
 
 
 def test_build_pair_no_pair_when_best_ties_worst():
-    assert data.build_pair([[0.5] * 3] * 3) is None
+    assert sppo.build_pair([[0.5] * 3] * 3) is None
     # rock-paper-scissors: every row mean is (0.5+0.8+0.2)/3 = 0.5
-    assert data.build_pair([[0.5, 0.8, 0.2], [0.2, 0.5, 0.8], [0.8, 0.2, 0.5]]) is None
+    assert sppo.build_pair([[0.5, 0.8, 0.2], [0.2, 0.5, 0.8], [0.8, 0.2, 0.5]]) is None
     with pytest.raises(ValueError):
-        data.build_pair([[0.5, 0.5]])
+        sppo.build_pair([[0.5, 0.5]])
 
 
 def test_build_pairs():
@@ -517,7 +519,7 @@ def test_build_pairs():
         # best and worst are the same text (two of three samples identical): no usable pair
         {"id": "d", "prompt": "p4", "responses": ["x", "x", "y"], "P": [[0.5, 0.6, 0.5], [0.4, 0.5, 0.5], [0.5, 0.5, 0.5]]},
     ]
-    pairs, stats = data.build_pairs(rows)
+    pairs, stats = sppo.build_pairs(rows)
     assert stats == {"prompts": 4, "pairs": 1, "identical": 1, "tied": 1, "same_text": 1}
     # row a: p = [(0.5+0.8+0.6)/3, (0.2+0.5+0.3)/3, (0.4+0.7+0.5)/3] = [0.6333, 0.3333, 0.5333]
     # chosen r0, rejected r1, chosen_probs = P[0][1] = 0.8

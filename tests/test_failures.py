@@ -11,7 +11,9 @@ import pytest
 import torch
 
 import data
+import files
 import model as M
+import runs
 import sppo
 from tiny import make_tiny_chat_model
 
@@ -75,10 +77,10 @@ def test_prompt_longer_than_max_is_an_error_or_truncated_or_skipped(tiny, tmp_pa
     full = len(tok.encode_chat(rows[1]["messages"]))
     assert full > 40
     s = sppo.parse_args(args(tiny, tmp_path, **{"max-prompt-len": 40, "long-prompts": "skip"}))
-    kept, n = sppo.fit_prompts(s, tok, rows)
+    kept, n = data.fit_prompts(rows, tok, s.max_prompt_len, s.long_prompts)
     assert n == 1 and [r["prompt"] for r in kept] == ["short one"]
     s.long_prompts = "truncate"
-    kept, n = sppo.fit_prompts(s, tok, rows)
+    kept, n = data.fit_prompts(rows, tok, s.max_prompt_len, s.long_prompts)
     assert n == 1 and kept[0] == rows[0] and kept[1]["id"] == rows[1]["id"]
     cut = kept[1]["prompt"]
     # it fits, lost as little as a token or two more than needed, and kept the request's end
@@ -129,7 +131,7 @@ def test_unsupported_architecture(tiny, tmp_path, capsys):
 def test_run_folder_made_with_other_settings_is_refused(tiny, tmp_path, capsys):
     run = tmp_path / "runs" / "r"
     run.mkdir(parents=True)
-    sppo.check_settings(sppo.parse_args(args(tiny, tmp_path / "runs")), run)
+    runs.check_settings(sppo.parse_args(args(tiny, tmp_path / "runs")), run, sppo.Settings.HARMLESS)
     before = (run / "settings.json").read_bytes()
     err = fails(capsys, args(tiny, tmp_path / "runs", temperature=0.9))
     assert "settings.json: this run was made with temperature=0.7, not 0.9" in err, err
@@ -154,15 +156,15 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path, capsy
     pairs = synthetic_pairs(5, tok.vocab_size)
     # The clean run, every checkpoint it saves recorded: the reference for "last good".
     saved = {}
-    real_save = sppo.save_atomic
+    real_save = files.save_torch
     # (deep copies: on CPU the saved tensors are the live parameters)
-    monkeypatch.setattr(sppo, "save_atomic", lambda path, st: (saved.__setitem__(st["step"], copy.deepcopy(st)),
+    monkeypatch.setattr(files, "save_torch", lambda path, st: (saved.__setitem__(st["step"], copy.deepcopy(st)),
                                                                real_save(path, st)))
     for d in ("clean", "bad"):
         (tmp_path / d / "train").mkdir(parents=True)
     sppo.train(s, tok, tiny / "model", pairs, tmp_path / "clean" / "train", tmp_path / "clean" / "adapter")
     assert sorted(saved) == [1, 2, 3, 4, 5]
-    monkeypatch.setattr(sppo, "save_atomic", real_save)
+    monkeypatch.setattr(files, "save_torch", real_save)
     # the pair the 4th optimizer step uses gets an infinite reference log-prob: its loss is inf
     order = torch.randperm(5, generator=torch.Generator().manual_seed(s.seed * 1000)).tolist()
     bad = [dict(p) for p in pairs]

@@ -9,8 +9,9 @@ from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM
 
 import data as D
 import model as M
+import lora as L
+import pipeline
 import quant as Q
-import sppo
 from test_model import padded_batch  # left-padded random ids, as in the Llama checks
 
 # 4 layers: sliding, full, sliding, full. head_dim 24 != 64 / 4, query scale from 20 != head_dim.
@@ -115,15 +116,15 @@ def test_greedy_kv_cache_matches_transformers_generate(tmp_path):
 def test_lora_merge_loads_in_transformers_with_our_logits(tmp_path):
     make_gemma(tmp_path / "base")
     ours = M.load_model(tmp_path / "base")
-    Q.add_lora(ours, Q.LoRAConfig(r=4, alpha=8))
+    L.add_lora(ours, L.LoRAConfig(r=4, alpha=8))
     torch.manual_seed(5)
-    for m in Q.lora_modules(ours).values():
+    for m in L.lora_modules(ours).values():
         m.lora_B.data.normal_(0, 0.05)
-    assert len(Q.lora_modules(ours)) == 4 * 7
+    assert len(L.lora_modules(ours)) == 4 * 7
     idx, mask = padded_batch(97, [10, 6])
     with torch.no_grad():
         want = ours(idx, mask)
-    Q.merge_lora(tmp_path / "base", ours, tmp_path / "merged")
+    L.merge_lora(tmp_path / "base", ours, tmp_path / "merged")
     merged, info = Gemma2ForCausalLM.from_pretrained(tmp_path / "merged", attn_implementation="eager",
                                                      torch_dtype=torch.float32, output_loading_info=True)
     assert not any(info.values()), info
@@ -137,25 +138,25 @@ def test_lora_merge_loads_in_transformers_with_our_logits(tmp_path):
 def test_nf4_lora_forward_backward_against_dequantized_transformers(tmp_path):
     hf = make_gemma(tmp_path)
     qm = Q.quantize_model(tmp_path)
-    Q.add_lora(qm, Q.LoRAConfig(r=4, alpha=8))
+    L.add_lora(qm, L.LoRAConfig(r=4, alpha=8))
     idx, mask = padded_batch(97, [10, 6])
     # Reference: transformers' model with every target weight replaced by its NF4 dequantization.
     with torch.no_grad():
         for name, mod in qm.named_modules():
-            if isinstance(mod, Q.LoRALinear):
+            if isinstance(mod, L.LoRALinear):
                 hf.get_submodule("model." + name).weight.copy_(mod.base.dequantize())
     want = hf_logits(hf, idx, mask)
     qm.train()
-    for m in Q.lora_modules(qm).values():
+    for m in L.lora_modules(qm).values():
         m.lora_B.data.normal_(0, 0.01)
     with torch.no_grad():
-        Q.set_lora_enabled(qm, False)
+        L.set_lora_enabled(qm, False)
         diff = (qm(idx, mask) - want)[mask].abs().max().item()
-        Q.set_lora_enabled(qm, True)
+        L.set_lora_enabled(qm, True)
     assert diff <= 1e-4, diff
     logits = qm(idx, mask)
     F.cross_entropy(logits[mask][:-1], idx[mask][1:]).backward()
-    grads = Q.lora_params(qm)
+    grads = L.lora_params(qm)
     assert len(grads) == 2 * 4 * 7
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in grads.values())
 
@@ -168,7 +169,7 @@ def test_sequence_logps_use_soft_capped_logits_through_a_pipeline_split(tmp_path
     resp = torch.zeros_like(ids, dtype=torch.bool)
     resp[:, 5:] = True
     with torch.no_grad():
-        got = sppo.sequence_logps(ours, ids, resp, micro_batches=2)
+        got = M.sequence_logps(pipeline.micro_batched(ours, 2), ids, resp)
         logp = hf(input_ids=ids).logits.log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
     want = (logp * resp[:, 1:]).sum(-1)
     assert torch.allclose(got, want, atol=1e-4), (got, want)

@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
+import convert
 import model as M
 
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
@@ -200,7 +201,7 @@ def test_embedded_smollm2_answers_paris(smollm2_dir):
 
 
 def test_embedded_smollm2_logits_match_transformers_gguf_loader(smollm2_dir):
-    gguf = M.embedded_gguf_path()
+    gguf = convert.embedded_gguf_path()
     hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32).eval()
     ours = M.load_model(smollm2_dir)
     idx, mask = padded_batch(49152, [12, 5, 9], seed=3)

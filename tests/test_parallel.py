@@ -22,10 +22,10 @@ ARGS = ["--iters", "1", "--prompts-per-iter", "8", "--k", "4", "--epochs", "1", 
 
 def launch(args, nproc, crash=None):
     env = dict(os.environ, PYTHONHASHSEED="0", OMP_NUM_THREADS="1")
-    for k in ("SPPO_CRASH_AT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    for k in ("SPPO_KILL_AT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     if crash:
-        env["SPPO_CRASH_AT"] = crash
+        env["SPPO_KILL_AT"] = crash
     cmd = [sys.executable, str(ROOT / "sppo.py")]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),

@@ -1,4 +1,5 @@
 """Split over devices and GPipe micro-batches: same numbers as one device, one batch."""
+import functools
 import itertools
 import subprocess
 import sys
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import lora
 import model as M
 import pipeline
 import quant
@@ -49,48 +51,50 @@ def test_split_hidden_states_and_logits_match_one_device(tiny, bounds, chunks, d
     ids = ids.to(dev)
     with torch.no_grad():
         ref = whole(ids)
-        h = pipeline.hidden_states(split, ids, chunks)
+        h = pipeline.GPipe(split, chunks)(ids)
         assert (split.lm_head(h) - ref).abs().max() <= 1e-5
         assert (split(ids) - ref).abs().max() <= 1e-5
 
 
-def test_gpipe_clock_order(tiny):
+def test_gpipe_clock_order(tiny, monkeypatch):
     """At tick k stage s runs micro-batch k - s: stage 1 starts micro-batch 0 before stage 0
     starts micro-batch 2, never after all of stage 0 is done (that would be no pipeline)."""
     m = split_model(tiny, [0, 2, 5])
     log, which = [], {}
-    embed, run_layers = m.embed, m.run_layers
+    embed, run_stage = m.embed, pipeline.run_stage
 
     def tagged_embed(idx, *a, **k):
         x, ctx = embed(idx, *a, **k)
         which[id(ctx[0])] = len(which)
         return x, ctx
 
-    def logged_run(x, ctx, lo, hi):
+    def logged_run(model, x, ctx, lo, hi):
         log.append(([0, 2].index(lo), which[id(ctx[0])]))
-        return run_layers(x, ctx, lo, hi)
+        return run_stage(model, x, ctx, lo, hi)
 
-    m.embed, m.run_layers = tagged_embed, logged_run
+    m.embed = tagged_embed
+    monkeypatch.setattr(pipeline, "run_stage", logged_run)
     ids, _ = batch(m.cfg.vocab_size, B=6)
     with torch.no_grad():
-        pipeline.hidden_states(m, ids, 3)
+        pipeline.GPipe(m, 3)(ids)
     assert log == [(0, 0), (0, 1), (1, 0), (0, 2), (1, 1), (1, 2)]
 
 
 def grads_and_loss(model, pairs, s, dev="cpu"):
-    for p in quant.lora_params(model).values():
+    for p in lora.lora_params(model).values():
         p.grad = None
-    loss = sppo.train_step(model, pairs, s, 0, torch.device(dev), amp=False)
+    score = functools.partial(M.sequence_logps, pipeline.micro_batched(model, s.micro_batches))
+    loss = sppo.train_step(score, pairs, s, 0, torch.device(dev), amp=False)
     loss.backward()
-    return loss.item(), {k: v.grad.clone() for k, v in quant.lora_params(model).items()}
+    return loss.item(), {k: v.grad.clone() for k, v in lora.lora_params(model).items()}
 
 
 def lora_model(path, bounds, dev="cpu"):
     m = split_model(path, bounds, quantized=True, dev=dev)
-    quant.add_lora(m, quant.LoRAConfig(r=4, alpha=8))
+    lora.add_lora(m, lora.LoRAConfig(r=4, alpha=8))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for p in quant.lora_params(m).values():  # B != 0 so that A gets gradients too
+        for p in lora.lora_params(m).values():  # B != 0 so that A gets gradients too
             p.copy_(torch.randn(p.shape, generator=g).to(p.device) * 0.05)
     return m.train()
 
@@ -157,7 +161,7 @@ def test_activation_estimate_matches_what_autograd_saves(tiny):
     """The plan's activation bytes per token per block against the bytes autograd actually
     keeps for one LoRA block's backward (counted by a saved-tensors hook, each storage once)."""
     m = quant.quantize_model(tiny)
-    quant.add_lora(m, quant.LoRAConfig(r=4, alpha=8))
+    lora.add_lora(m, lora.LoRAConfig(r=4, alpha=8))
     m.train()
     B, T = 4, 32
     x = torch.randn(B, T, m.cfg.dim, requires_grad=True)

@@ -6,6 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import model as M
+import lora as L
 import quant as Q
 
 TINY = dict(vocab_size=97, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -47,7 +48,7 @@ def test_gradients_reach_the_input_after_an_eval_pass():
     """The AVX512-BF16 trap: bnb.nn.Linear4bit in eval mode repacks its weight on such CPUs and
     a later backward gives no input gradient. Ours must give the same gradient as dequant + matmul."""
     torch.manual_seed(0)
-    layer = Q.LoRALinear(Q.NF4Linear(torch.randn(64, 128), torch.float32), r=4, alpha=8)
+    layer = L.LoRALinear(Q.NF4Linear(torch.randn(64, 128), torch.float32), r=4, alpha=8)
     layer.eval()
     with torch.no_grad():
         layer(torch.randn(3, 128))
@@ -68,10 +69,10 @@ def test_lora_with_zero_b_equals_base_and_training_moves_only_a_and_b(tiny_dir):
         want = base(idx)
     q_before = {n: b.clone() for n, b in base.named_buffers() if n.endswith("qweight")}
     other_before = {n: p.clone() for n, p in base.named_parameters()}
-    Q.add_lora(base, Q.LoRAConfig(r=4, alpha=8))
+    L.add_lora(base, L.LoRAConfig(r=4, alpha=8))
     with torch.no_grad():
         assert torch.equal(base(idx), want)
-    params = Q.lora_params(base)
+    params = L.lora_params(base)
     assert {n for n, p in base.named_parameters() if p.requires_grad} == set(params)
     a_before = {n: p.clone() for n, p in params.items()}
     opt = torch.optim.AdamW(params.values(), lr=1e-2)
@@ -90,34 +91,34 @@ def test_lora_with_zero_b_equals_base_and_training_moves_only_a_and_b(tiny_dir):
 
 
 def random_lora(m, cfg, seed=1):
-    Q.add_lora(m, cfg)
+    L.add_lora(m, cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in Q.lora_params(m).values():
+        for p in L.lora_params(m).values():
             p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     return m
 
 
 def test_merged_checkpoint_and_peft_adapter_give_our_logits(tiny_dir, tmp_path):
     from peft import PeftModel
-    cfg = Q.LoRAConfig(r=4, alpha=16)
+    cfg = L.LoRAConfig(r=4, alpha=16)
     ours = random_lora(M.load_model(tiny_dir), cfg)  # full-precision base + LoRA
     idx = torch.randint(0, 97, (2, 11))
     with torch.no_grad():
         want = ours(idx)
-    Q.merge_lora(tiny_dir, ours, tmp_path / "merged")
+    L.merge_lora(tiny_dir, ours, tmp_path / "merged")
     assert (tmp_path / "merged" / "model.safetensors.index.json").exists()
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", torch_dtype=torch.float32).eval()
     with torch.no_grad():
         assert (merged(idx).logits - want).abs().max().item() <= 1e-4
-    Q.save_adapter(ours, cfg, tmp_path / "adapter", base_path=tiny_dir)
+    L.save_adapter(ours, cfg, tmp_path / "adapter", base_path=tiny_dir)
     hf = AutoModelForCausalLM.from_pretrained(tiny_dir, torch_dtype=torch.float32)
     peft_model = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
     with torch.no_grad():
         assert (peft_model(input_ids=idx).logits - want).abs().max().item() <= 1e-4
     # and our loader reads the file back to the same logits
-    again = Q.add_lora(M.load_model(tiny_dir), cfg)
-    Q.load_adapter(again, tmp_path / "adapter")
+    again = L.add_lora(M.load_model(tiny_dir), cfg)
+    L.load_adapter(again, tmp_path / "adapter")
     with torch.no_grad():
         assert torch.allclose(again(idx), want, atol=1e-6)
 
@@ -135,13 +136,13 @@ def test_embedded_smollm2_in_nf4_still_answers_paris(smollm2_dir):
 def test_gradient_checkpointing_gives_the_same_lora_gradients(tiny_dir):
     grads = []
     for ckpt in (False, True):
-        m = random_lora(Q.quantize_model(tiny_dir), Q.LoRAConfig(r=4, alpha=8))
+        m = random_lora(Q.quantize_model(tiny_dir), L.LoRAConfig(r=4, alpha=8))
         if ckpt:
-            Q.enable_checkpointing(m)
+            m.grad_ckpt = True
         m.train()
         idx = torch.arange(24).reshape(2, 12) % 97
         torch.nn.functional.cross_entropy(m(idx)[:, :-1].flatten(0, 1), idx[:, 1:].flatten()).backward()
-        grads.append({n: p.grad.clone() for n, p in Q.lora_params(m).items()})
+        grads.append({n: p.grad.clone() for n, p in L.lora_params(m).items()})
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import model as M
+import runs
 import sppo
 from tiny import make_tiny_chat_model
 
@@ -119,9 +120,9 @@ def run_args(tiny, runs, name="r"):
 
 def run_sppo(args, crash=None):
     env = dict(os.environ, PYTHONHASHSEED="0")
-    env.pop("SPPO_CRASH_AT", None)
+    env.pop("SPPO_KILL_AT", None)
     if crash:
-        env["SPPO_CRASH_AT"] = crash
+        env["SPPO_KILL_AT"] = crash
     return subprocess.run([sys.executable, str(ROOT / "sppo.py"), *args], env=env, capture_output=True, text=True,
                           timeout=600)
 
@@ -161,7 +162,7 @@ def test_sequence_logps_equal_transformers_log_probs_of_response_tokens(tiny_set
     # truncation: the prompt keeps its last 6 tokens, the response fills up to max_len = 20
     assert ids[0, :6].tolist() == [7, 8, 9, 10, 11, 12] and ids[2, 6:20].tolist() == [30] * 14
     with torch.no_grad():
-        got = sppo.sequence_logps(M.load_model(tiny_setup / "model"), ids, mask)
+        got = M.sequence_logps(M.load_model(tiny_setup / "model"), ids, mask)
         hf = AutoModelForCausalLM.from_pretrained(tiny_setup / "model", torch_dtype=torch.float32)
         want = []
         for row, m in zip(ids, mask):
@@ -183,6 +184,7 @@ def test_length_groups_cover_every_row_once_and_bound_padding():
 
 def test_reference_logps_are_frozen_and_differ_from_trained_policy(tiny_setup, tmp_path):
     import data
+    import lora
     import quant
     s = sppo.parse_args(run_args(tiny_setup, tmp_path) + ["--lr", "5e-2", "--eta", "4"])
     tok = data.Tokenizer.from_dir(s.model)
@@ -201,7 +203,7 @@ def test_reference_logps_are_frozen_and_differ_from_trained_policy(tiny_setup, t
     base = quant.quantize_model(s.model, torch.float32, "cpu")
     ids, mask = sppo.pair_tensors(pairs, s, tok.pad_id, "cpu")
     with torch.no_grad():
-        ref = sppo.sequence_logps(base, ids, mask)
+        ref = M.sequence_logps(base, ids, mask)
     n = len(pairs)
     stored = torch.tensor([p["ref_chosen_logp"] for p in pairs] + [p["ref_rejected_logp"] for p in pairs])
     assert torch.allclose(ref, stored, atol=1e-4)
@@ -209,10 +211,10 @@ def test_reference_logps_are_frozen_and_differ_from_trained_policy(tiny_setup, t
     sppo.train(s, tok, Path(s.model), pairs, it / "train", it / "adapter")
     assert (it / "pairs.jsonl").read_bytes() == before, "training must not touch the stored reference"
     pol = quant.quantize_model(s.model, torch.float32, "cpu")
-    quant.add_lora(pol, sppo.lora_config(s))
-    quant.load_adapter(pol, it / "adapter")
+    lora.add_lora(pol, sppo.lora_config(s))
+    lora.load_adapter(pol, it / "adapter")
     with torch.no_grad():
-        now = sppo.sequence_logps(pol, ids, mask)
+        now = M.sequence_logps(pol, ids, mask)
     assert (now - stored).abs().max().item() > 1e-2, "policy still equals the reference: reference == policy bug"
 
 
@@ -276,10 +278,10 @@ def test_run_folder_refuses_different_settings(tiny_setup, tmp_path):
     s = sppo.parse_args(run_args(tiny_setup, tmp_path))
     run = tmp_path / "r"
     run.mkdir()
-    sppo.check_settings(s, run)
+    runs.check_settings(s, run, sppo.Settings.HARMLESS)
     s2 = sppo.parse_args(run_args(tiny_setup, tmp_path) + ["--eta", "3"])
     with pytest.raises(sppo.RunError, match="eta=2.0, not 3.0"):
-        sppo.check_settings(s2, run)
+        runs.check_settings(s2, run, sppo.Settings.HARMLESS)
 
 
 def test_vllm_plumbing_gives_each_prompt_its_own_samples_and_resumes_by_chunk(tiny_setup, tmp_path, monkeypatch):
@@ -288,6 +290,7 @@ def test_vllm_plumbing_gives_each_prompt_its_own_samples_and_resumes_by_chunk(ti
     for its own token ids, stop tokens are cut and flagged, and a resumed stage asks only for
     the prompts of its unfinished chunks."""
     import data
+    import files
     import vllm_backend
     tok = data.Tokenizer.from_dir(tiny_setup / "model")
     rows = data.load_prompts(tiny_prompts(tmp_path / "p.jsonl", 5, "q"))[0]
@@ -304,12 +307,12 @@ def test_vllm_plumbing_gives_each_prompt_its_own_samples_and_resumes_by_chunk(ti
     got = sppo.sample(s, tiny_setup / "model", tok, rows, out, [0, 50])
     assert asked == [5] and [g["id"] for g in got] == [r["id"] for r in rows]
     for g, r in zip(got, rows):
-        ids = tok.encode_chat(sppo.messages_of(r))
+        ids = tok.encode_chat(data.messages_of(r))
         assert g["prompt_ids"] == ids
         assert g["response_ids"] == [[sum(ids) % 200 + 3, 7 + k] for k in range(2)]
         assert g["finished"] == [bool(sum(ids) % 2)] * 2
     assert len({g["response_ids"][0][0] for g in got}) > 1  # the prompts really differ
     out.unlink()
-    data.append_jsonl(out.with_suffix(".partial.jsonl"), got[:2])  # as if killed after the first chunk
+    files.append_jsonl(out.with_suffix(".partial.jsonl"), got[:2])  # as if killed after the first chunk
     assert sppo.sample(s, tiny_setup / "model", tok, rows, out, [0, 50]) == got
     assert asked == [5, 3]

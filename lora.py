@@ -1,0 +1,195 @@
+"""lora.py: hand-written LoRA (torchtune's shape), merging it into full-precision weights, and
+adapter files in PEFT's format.
+
+    LoRALinear(base) = base(x) + (alpha / r) * B(A(dropout(x))),  A random, B zero
+
+The base is any frozen linear: an nn.Linear, or quant.NF4Linear for QLoRA-style training on
+a 4-bit copy. `add_lora` swaps the target linears of a built model.py Transformer;
+`lora_params` names the trainable tensors, so saving an adapter is a filter, not a walk.
+The merge adds (alpha / r) B A to the full-precision weights read from disk shard by shard
+(never to the 4-bit copy, whose rounding would be baked in).
+"""
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import files
+import model as M
+import quant
+
+
+@dataclass
+class LoRAConfig:
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: tuple = quant.LINEARS
+
+
+class LoRALinear(nn.Module):
+    """base(x) + (alpha / r) * B A dropout(x), with only A and B trainable.
+
+    A starts as nn.Linear's default (kaiming-uniform, a = sqrt(5)) as in the LoRA reference
+    code and PEFT, B at zero, so a fresh adapter leaves the model exactly as it was. A and B
+    are kept in float32 whatever the base's compute dtype, so small updates are not lost.
+    """
+
+    def __init__(self, base, r, alpha, dropout=0.0):
+        super().__init__()
+        self.base, self.r, self.scaling = base, r, alpha / r
+        dev = base.qweight.device if isinstance(base, quant.NF4Linear) else base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=dev))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=dev))
+        if dev.type != "meta":
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.disabled = False  # True: the plain base layer (e.g. the reference model)
+
+    @property
+    def in_features(self):
+        return self.base.in_features
+
+    @property
+    def out_features(self):
+        return self.base.out_features
+
+    def forward(self, x):
+        y = self.base(x)
+        if self.disabled:
+            return y
+        h = F.linear(F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A), self.lora_B)
+        return y + (self.scaling * h).to(y.dtype)
+
+    def delta(self):
+        """The dense update this adapter adds to the base weight: (alpha / r) B A."""
+        return self.scaling * (self.lora_B.float() @ self.lora_A.float())
+
+
+def add_lora(model, cfg: LoRAConfig):
+    """Wrap every target linear of the model in a LoRALinear; freeze everything else."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, mod in list(model.named_modules()):
+        for child, sub in list(mod.named_children()):
+            if child in cfg.targets and isinstance(sub, (nn.Linear, quant.NF4Linear)):
+                setattr(mod, child, LoRALinear(sub, cfg.r, cfg.alpha, cfg.dropout))
+    return model
+
+
+def lora_modules(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def lora_params(model):
+    """The trainable tensors, by name: saving an adapter is a filter, not a walk."""
+    return {n: p for n, p in model.named_parameters() if ".lora_A" in n or ".lora_B" in n}
+
+
+def set_lora_enabled(model, on):
+    for m in lora_modules(model).values():
+        m.disabled = not on
+
+
+# ----------------------------------------------------------------------------- merge
+
+HF_EXTRA_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                  "special_tokens_map.json", "chat_template.jinja", "tokenizer.model")
+
+
+def merge_lora(src_dir, lora_model, out_dir, dtype=None, on_shard=None):
+    """Write src_dir's checkpoint with W + (alpha/r) B A folded into every adapted weight.
+
+    The sum uses the full-precision weights read from disk, shard by shard (never the 4-bit
+    copy, whose rounding would be baked in), and the folder appears whole or not at all.
+    on_shard(file) is called after each shard is written (progress, tests' kill points).
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    src_dir, out_dir = Path(src_dir), Path(out_dir)
+    deltas = {name + ".weight": m for name, m in lora_modules(lora_model).items()}
+    weight_map, total, used = {}, 0, set()
+    with files.atomic(out_dir, folder=True) as tmp:
+        for file in M.checkpoint_files(src_dir):
+            tensors = {}
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    t = f.get_tensor(name)
+                    key = M.hf_name(name)
+                    if key in deltas:
+                        t = t.float() + deltas[key].delta().to(t.device)
+                        used.add(key)
+                    t = t.to(dtype or t.dtype).contiguous()
+                    tensors[name] = t
+                    weight_map[name] = file.name
+                    total += t.numel() * t.element_size()
+            save_file(tensors, str(tmp / file.name), metadata={"format": "pt"})
+            del tensors
+            if on_shard is not None:
+                on_shard(file)
+        if used != set(deltas):
+            raise M.ModelError(f"{src_dir}: adapter targets missing from the checkpoint: {sorted(set(deltas) - used)[:3]}")
+        if (src_dir / "model.safetensors.index.json").exists():
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        for name in HF_EXTRA_FILES:
+            if (src_dir / name).exists():
+                shutil.copy(src_dir / name, tmp / name)
+        if dtype is not None:
+            cfg = json.loads((tmp / "config.json").read_text())
+            cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out_dir
+
+
+# ----------------------------------------------------------------------------- PEFT adapter files
+
+PEFT_PREFIX = "base_model.model.model."  # PeftModel > LlamaForCausalLM > LlamaModel
+
+
+def save_adapter(model, cfg: LoRAConfig, out_dir, base_path=""):
+    """adapter_config.json + adapter_model.safetensors exactly as PEFT writes them, so
+    peft.PeftModel.from_pretrained(transformers_model, out_dir) loads our adapter."""
+    from safetensors.torch import save_file
+    out_dir = Path(out_dir)
+    tensors = {}
+    for name, m in lora_modules(model).items():
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().float().cpu().contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().float().cpu().contiguous()
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.r, "lora_alpha": cfg.alpha,
+              "lora_dropout": cfg.dropout, "target_modules": sorted(cfg.targets), "bias": "none",
+              "base_model_name_or_path": str(base_path), "fan_in_fan_out": False, "inference_mode": True,
+              "init_lora_weights": True, "modules_to_save": None, "use_rslora": False, "use_dora": False}
+    with files.atomic(out_dir, folder=True) as tmp:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+
+
+def load_adapter(model, adapter_dir):
+    """Load PEFT-format LoRA weights into a model that add_lora() prepared with the same config."""
+    from safetensors.torch import load_file
+    adapter_dir = Path(adapter_dir)
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    mods = lora_modules(model)
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    for key, t in tensors.items():
+        name, _, leaf = key.removeprefix(PEFT_PREFIX).rpartition(".")  # ...q_proj.lora_A, weight
+        mod_name, _, which = name.rpartition(".")
+        if mod_name not in mods or which not in ("lora_A", "lora_B"):
+            raise M.ModelError(f"{adapter_dir}/adapter_model.safetensors: unexpected tensor {key}")
+        m = mods[mod_name]
+        if m.r != cfg["r"] or not math.isclose(m.scaling, cfg["lora_alpha"] / cfg["r"]):
+            raise M.ModelError(f"{adapter_dir}/adapter_config.json: r/alpha differ from the model's LoRA")
+        cur = getattr(m, which)
+        if tuple(cur.shape) != tuple(t.shape):
+            raise M.ModelError(f"{adapter_dir}: tensor {key} has shape {tuple(t.shape)}, expected {tuple(cur.shape)}")
+        setattr(m, which, nn.Parameter(t.to(device=cur.device if cur.device.type != "meta" else "cpu",
+                                            dtype=torch.float32), requires_grad=cur.requires_grad))
+    if len(tensors) != 2 * len(mods):
+        raise M.ModelError(f"{adapter_dir}: adapter has {len(tensors)} tensors, the model has {2 * len(mods)} LoRA tensors")
+    return model

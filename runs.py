@@ -1,0 +1,132 @@
+"""runs.py: the run folder's machinery, so that sppo.py can read as the algorithm.
+
+runs/<name>/ holds every artifact of a run, keyed by iteration and stage. What keeps it
+trustworthy when a run is killed, resumed, or started with a typo:
+
+- `in_chunks`: a stage that works through rows in chunks (sampling, judging, reference
+  scoring) appends each finished chunk, and a resumed run redoes only the unfinished ones.
+- `resume_point(stage)`: called each time a stage has saved a point it can resume from; tests
+  set SPPO_KILL_AT=<stage>:<n> to SIGKILL the run there and prove that it resumes to the same
+  result.
+- `check_settings`: a run folder made with other settings is refused, naming the setting.
+- `remove_leftovers`: temporary files a killed process left behind are removed on resume.
+- `stage`: out of GPU memory in a stage is one line naming the flag to lower; `not_finite`:
+  a NaN/inf loss stops training before it reaches the weights.
+"""
+import contextlib
+import dataclasses
+import json
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+import files
+import parallel
+
+
+class RunError(RuntimeError):
+    """A run that cannot go on (NaN loss, out of memory, mixed settings): a one-line message."""
+
+
+def resume_point(stage):
+    """Test hook: SPPO_KILL_AT=<stage>:<n> SIGKILLs this process the n-th time `stage` has
+    just written a resume point (stages: generate, judge, pairs, train, merge, evaluate), so
+    tests can prove a killed run resumes to the same result."""
+    want = os.environ.get("SPPO_KILL_AT", "")
+    if want.partition(":")[0] != stage:
+        return
+    resume_point.seen[stage] = resume_point.seen.get(stage, 0) + 1
+    if resume_point.seen[stage] == int(want.partition(":")[2] or 1):
+        os.kill(os.getpid(), 9)
+
+
+resume_point.seen = {}
+
+
+def in_chunks(rows, size, out_path, work, stage, desc, unit, setup=None, per=None):
+    """The shape of every stage that works through rows in chunks (sampling, judging, scoring).
+
+    work(c, chunk, ctx) turns chunk c into output lines (one per row, with its id); they are
+    appended to out_path's `.partial.jsonl` as each chunk finishes, so a killed run redoes only
+    the unfinished chunks (lines are read back by id: a chunk done twice counts once). setup(todo
+    rows) -> ctx runs once, only when work is left (loading a model). With torchrun the chunks
+    are dealt over the ranks, `per` per round (default one per rank), and rank 0 appends each
+    round's chunks in order, so the artifact is the one a single process writes (parallel.py)."""
+    if out_path.exists():
+        return files.read_jsonl(out_path)
+    part = out_path.with_suffix(".partial.jsonl")
+    done = files.done_ids(part)
+    parallel.barrier()  # every rank has read the resume state before rank 0 appends
+    chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
+    todo = [c for c, chunk in enumerate(chunks) if not all(r["id"] in done for r in chunk)]
+    ctx = setup([r for c in todo for r in chunks[c]]) if todo and setup else None
+    bar = tqdm(total=len(rows), initial=len(done & {r["id"] for r in rows}), desc=desc, unit=unit)
+    for c, group in parallel.rounds(todo, per):
+        lines = work(c, chunks[c], ctx) if c is not None else []
+        lines = [x for got in parallel.gather(lines) for x in got]  # the round's chunks, in order
+        if parallel.is_main():
+            files.append_jsonl(part, lines)
+            resume_point(stage)
+        bar.update(sum(len(chunks[g]) for g in group))
+    bar.close()
+    out = None
+    if parallel.is_main():
+        got = {r["id"]: r for r in files.read_jsonl_tolerant(part)}
+        out = [got[r["id"]] for r in rows]
+        files.write_jsonl(out_path, out)
+        part.unlink(missing_ok=True)
+    return parallel.share(out)
+
+
+def check_settings(s, run, harmless):
+    """Refuse to mix artifacts made with different settings in one run folder. harmless: the
+    settings that change no artifact (a run may be resumed with other values)."""
+    mine = {k: v for k, v in dataclasses.asdict(s).items() if k not in harmless}
+    f = run / "settings.json"
+    if f.exists():
+        old = json.loads(f.read_text())
+        for k, v in mine.items():
+            if k in old and old[k] != v:
+                raise RunError(f"{f}: this run was made with {k}={old[k]!r}, not {v!r}; "
+                               f"use another --name or the same setting")
+    if parallel.is_main():
+        files.write_json(f, mine)
+
+
+def remove_leftovers(run_dir):
+    """A killed process leaves its temporary files and folders (*.tmp*): every artifact appears by a
+    rename, so nothing reads them; remove them so a resumed run folder is the same as a clean one."""
+    for p in sorted(run_dir.rglob("*.tmp*"), reverse=True):
+        files.remove(p)
+
+
+OOM_FLAGS = {  # out of GPU memory in a stage -> what to lower
+    "generate": "--gen-batch (--eval-batch in the evaluation) or --max-new-tokens",
+    "judge": "--judge-batch",
+    "pairs": "--batch-size or --max-len (or raise --micro-batches with --devices)",
+    "train": "--batch-size (raising --grad-accum keeps the effective batch) or --max-len, or add --grad-ckpt",
+    "merge": "nothing: merge works shard by shard; free the GPU of other processes",
+    "evaluate": "--eval-batch or --judge-batch",
+}
+
+
+@contextlib.contextmanager
+def stage(where, name):
+    """One stage: CUDA out-of-memory becomes a one-line error naming the flag to lower, and a
+    summary line is printed at the end (the block fills info["summary"])."""
+    info, t0 = {"summary": ""}, time.time()
+    try:
+        yield info
+    except torch.OutOfMemoryError:
+        raise RunError(f"out of GPU memory in {where} {name}: lower {OOM_FLAGS[name]} (finished work is kept; "
+                       f"flags that change results need a new --name)") from None
+    print(f"{where} {name}: {info['summary']}{', ' if info['summary'] else ''}{time.time() - t0:.0f} s", flush=True)
+
+
+def not_finite(what, step, ckpt):
+    """Stop before a NaN/inf reaches the weights: ckpt (if any) holds the last good ones."""
+    kept = f"the last good checkpoint {ckpt} (step {torch.load(ckpt)['step']}) is kept" if ckpt.exists() else "no checkpoint was written yet"
+    raise RunError(f"training {what} at step {step + 1}; {kept}. Lower --lr or --eta, or check the pairs in "
+                   f"{ckpt.parent.parent}/pairs.jsonl for inf/NaN reference log-probs")
