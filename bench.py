@@ -182,7 +182,7 @@ def train_ours(b, dev):
     pairs, s = make_pairs(b, vocab, pad), train_settings(b)
 
     def step():  # sppo.train's inner loop, micro-batch = the whole batch
-        sppo.train_step(functools.partial(M.sequence_logps, m), pairs, s, pad, dev).backward()
+        sppo.train_step(functools.partial(M.sequence_logps, m), pairs, s, pad, dev)[0].backward()
         torch.nn.utils.clip_grad_norm_(params, s.clip)
         opt.step()
         opt.zero_grad(set_to_none=True)

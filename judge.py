@@ -328,11 +328,24 @@ class PairRMJudge:
                                  "would treat it as that model family. Move it to another path.")
             kwargs["model_name"] = backbone_dir
         self.mode, self.batch_size, self.render = mode, batch_size, render
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.blender = llm_blender.Blender(BlenderConfig(device=self.device, use_tqdm=False))
-        self.blender.loadranker(ranker_dir, device=self.device, **kwargs)
+        # llm-blender runs the ranker in fp16 only for the device string "cuda" (not "cuda:1"):
+        # it gets "cuda", and card N is made the current one while it loads and judges.
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device, self.card = dev.type, dev.index if dev.type == "cuda" else None
+        with self.on_card():
+            self.blender = llm_blender.Blender(BlenderConfig(device=self.device, use_tqdm=False))
+            self.blender.loadranker(ranker_dir, device=self.device, **kwargs)
+
+    def on_card(self):
+        import contextlib
+        import torch
+        return torch.cuda.device(self.card) if self.card is not None and torch.cuda.is_available() else contextlib.nullcontext()
 
     def __call__(self, prompts, candidates, rows=None):
+        with self.on_card():
+            return self.judge(prompts, candidates)
+
+    def judge(self, prompts, candidates):
         if self.render is not None:
             prompts = [self.render(p) for p in prompts]
         prompts, candidates = list(prompts), [list(c) for c in candidates]

@@ -44,10 +44,14 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base, self.r, self.scaling = base, r, alpha / r
         dev = base.qweight.device if isinstance(base, quant.NF4Linear) else base.weight.device
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=dev))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=dev))
+        # A is drawn on the CPU, then moved: torch.manual_seed seeds every CUDA generator alike, so
+        # drawn on each layer's device the second card's layers would repeat the first card's A
+        # and the adapter would depend on the split.
+        a = torch.empty(r, base.in_features, device="meta" if dev.type == "meta" else "cpu")
         if dev.type != "meta":
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        self.lora_A = nn.Parameter(a.to(dev))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=dev))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.disabled = False  # True: the plain base layer (e.g. the reference model)
 
@@ -63,7 +67,10 @@ class LoRALinear(nn.Module):
         y = self.base(x)
         if self.disabled:
             return y
-        h = F.linear(F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A), self.lora_B)
+        x = self.dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):  # under autocast the linears cast for themselves
+            x = x.to(self.lora_A.dtype)
+        h = F.linear(F.linear(x, self.lora_A), self.lora_B)
         return y + (self.scaling * h).to(y.dtype)
 
     def delta(self):

@@ -213,9 +213,15 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
     def attend(self, q, k, v, mask):
-        # mask None means plain causal over an unpadded batch: SDPA's fast path.
+        # mask None means plain causal over an unpadded batch: SDPA's fast path, GQA inside the
+        # kernel. With a mask (padded batches, always in generation) SDPA's GQA would rule out the
+        # flash and memory-efficient kernels on CUDA (its math kernel runs in float32 and expands
+        # K/V itself): expand K/V here, in the compute dtype, as transformers does.
+        if mask is not None and self.n_kv_heads != self.n_heads:
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
-                                              enable_gqa=self.n_kv_heads != self.n_heads)
+                                              enable_gqa=mask is None and self.n_kv_heads != self.n_heads)
 
 
 class MLP(nn.Module):

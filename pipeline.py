@@ -79,7 +79,8 @@ class GPipe(torch.nn.Module):
     from outside and offers what model.sequence_logps needs, forward(ids, head=False) and
     logits(h). Used for training and scoring (right-padded rows; no KV cache).
 
-    The batch is cut into `chunks` micro-batches; at tick k stage s runs micro-batch k - s.
+    The batch is cut into `chunks` micro-batches; at tick k stage s runs micro-batch k - s,
+    the last stage's work issued first.
     The result equals model(ids, head=False): rows never interact (no attention mask needed
     with right padding), so only the order of the work changes.
     """
@@ -99,7 +100,10 @@ class GPipe(torch.nn.Module):
         xs, ctxs = [None] * len(parts), [None] * len(parts)
         n_stages = len(bounds) - 1
         for tick in range(len(parts) + n_stages - 1):
-            for s in range(n_stages):
+            # Last stage first: stage s + 1's copy of micro-batch k - s - 1 from stage s's device is
+            # queued on that device before stage s's work on micro-batch k - s, so the copy does not
+            # wait behind it and both devices compute at once.
+            for s in reversed(range(n_stages)):
                 m = tick - s
                 if not 0 <= m < len(parts):
                     continue
@@ -150,14 +154,11 @@ def activation_bytes(cfg: M.Config, c):
     """Bytes one block keeps for backward per token, counted from the code (model.Block with
     LoRA on all seven linears): in the compute dtype, the normed inputs, q/k/v before and
     after RoPE, the attention output, o_proj's input, the four (tokens x ffn) MLP tensors; in
-    float32, both RMSNorms' upcast inputs and, when the compute dtype is not float32, the
-    float32 copies LoRA takes of each linear's input. tests/test_pipeline.py checks this against
-    the bytes autograd actually saves."""
+    float32, both RMSNorms' upcast inputs. (LoRA's own inputs are the linears' inputs, already
+    counted: under bf16 autocast LoRALinear leaves them in bf16.) tests/test_pipeline.py checks
+    this against the bytes autograd actually saves (in float32; `make gpu-check` in bf16)."""
     d, kv, f = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.ffn_dim
-    n = c * (2 * cfg.dim + 4 * d + 4 * kv + 4 * f) + 4 * 2 * cfg.dim
-    if c != 4:
-        n += 4 * (5 * cfg.dim + d + f)
-    return n
+    return c * (2 * cfg.dim + 4 * d + 4 * kv + 4 * f) + 4 * 2 * cfg.dim
 
 
 def stage_costs(cfg: M.Config, w: Workload):

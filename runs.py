@@ -15,6 +15,7 @@ trustworthy when a run is killed, resumed, or started with a typo:
 """
 import contextlib
 import dataclasses
+import gc
 import json
 import os
 import time
@@ -48,7 +49,8 @@ resume_point.seen = {}
 def in_chunks(rows, size, out_path, work, stage, desc, unit, setup=None, per=None):
     """The shape of every stage that works through rows in chunks (sampling, judging, scoring).
 
-    work(c, chunk, ctx) turns chunk c into output lines (one per row, with its id); they are
+    size: rows per chunk, or the chunks themselves (lists of rows, in any order); the artifact
+    lists the rows in `rows` order either way. work(c, chunk, ctx) turns chunk c into output lines (one per row, with its id); they are
     appended to out_path's `.partial.jsonl` as each chunk finishes, so a killed run redoes only
     the unfinished chunks (lines are read back by id: a chunk done twice counts once). setup(todo
     rows) -> ctx runs once, only when work is left (loading a model). With torchrun the chunks
@@ -59,7 +61,7 @@ def in_chunks(rows, size, out_path, work, stage, desc, unit, setup=None, per=Non
     part = out_path.with_suffix(".partial.jsonl")
     done = files.done_ids(part)
     parallel.barrier()  # every rank has read the resume state before rank 0 appends
-    chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
+    chunks = size if isinstance(size, list) else [rows[i:i + size] for i in range(0, len(rows), size)]
     todo = [c for c, chunk in enumerate(chunks) if not all(r["id"] in done for r in chunk)]
     ctx = setup([r for c in todo for r in chunks[c]]) if todo and setup else None
     bar = tqdm(total=len(rows), initial=len(done & {r["id"] for r in rows}), desc=desc, unit=unit)
@@ -115,14 +117,24 @@ OOM_FLAGS = {  # out of GPU memory in a stage -> what to lower
 @contextlib.contextmanager
 def stage(where, name):
     """One stage: CUDA out-of-memory becomes a one-line error naming the flag to lower, and a
-    summary line is printed at the end (the block fills info["summary"])."""
+    summary line is printed at the end (the block fills info["summary"]). Every model a stage
+    loads is a local of its functions, so it is garbage when the stage ends; its GPU memory goes
+    back to the device here, so the next stage (or vLLM's process) finds the cards empty."""
     info, t0 = {"summary": ""}, time.time()
     try:
         yield info
     except torch.OutOfMemoryError:
         raise RunError(f"out of GPU memory in {where} {name}: lower {OOM_FLAGS[name]} (finished work is kept; "
                        f"flags that change results need a new --name)") from None
+    finally:
+        free_memory()
     print(f"{where} {name}: {info['summary']}{', ' if info['summary'] else ''}{time.time() - t0:.0f} s", flush=True)
+
+
+def free_memory():
+    gc.collect()  # cycles, if any: a model must not wait for the collector to give its memory back
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def not_finite(what, step, ckpt):

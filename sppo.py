@@ -180,16 +180,33 @@ def preference_loss(kind, logp_w, logp_l, ref_w, ref_l, p_win, p_lose, p_wl, eta
 def train_step(score, batch, s, pad_id, dev, amp=None):
     """One micro-batch: policy log-probs of chosen and rejected in one forward, then the loss.
     score(ids, mask) -> log-probs: model.sequence_logps on the policy (or on pipeline.GPipe over
-    it), or under torchrun its DDP wrapper. amp: bf16 autocast, by default on CUDA only (tests
-    turn it off to compare in float32)."""
+    it), or under torchrun its DDP wrapper. -> (mean loss, log-ratios of chosen, of rejected)."""
     ids, mask = pair_tensors(batch, s, pad_id, dev)
-    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda" if amp is None else amp):
+    with autocast(dev, amp):
         logps = score(ids, mask)
     n = len(batch)
     f = lambda key: torch.tensor([p[key] for p in batch], device=logps.device, dtype=torch.float32)
-    losses = preference_loss(s.loss, logps[:n], logps[n:], f("ref_chosen_logp"), f("ref_rejected_logp"),
+    ref_w, ref_l = f("ref_chosen_logp"), f("ref_rejected_logp")
+    losses = preference_loss(s.loss, logps[:n], logps[n:], ref_w, ref_l,
                              f("chosen_probs_win"), f("chosen_probs_lose"), f("chosen_probs"), s.eta, s.beta)
-    return losses.mean()
+    return losses.mean(), (logps[:n] - ref_w).detach(), (logps[n:] - ref_l).detach()
+
+
+def autocast(dev, on=None):
+    """bf16 autocast, by default on CUDA only (tests turn it off to compare in float32). Training
+    and reference scoring both run under it, in the same batches, so that the log-ratio at
+    step 0 is exactly 0 (bitsandbytes picks its kernels by the number of rows)."""
+    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda" if on is None else on)
+
+
+def batch_order(s, n):
+    """The micro-batches of pair indices, epoch after epoch: a pure function of (seed, epoch),
+    so a resumed run replays it, and reference scoring uses the first epoch's batches."""
+    order = []
+    for e in range(s.epochs):
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(s.seed * 1000 + e)).tolist()
+        order += [perm[i:i + s.batch_size] for i in range(0, n, s.batch_size)]
+    return order
 
 
 def pair_tensors(pairs, s, pad_id, device):
@@ -251,6 +268,8 @@ def sample(s, policy_dir, tok, rows, out_path, seeds, greedy=False, desc="genera
 # ----------------------------------------------------------------------------- 2. judge
 
 def make_judge(s, tok):
+    """The judge, loaded in the stage that uses it and freed with it: a model judge must not hold
+    GPU memory through sampling and training (an 8B LLM judge cannot sit beside them)."""
     if s.judge == "verifiable":
         return judges.make_judge("verifiable", tau=s.tau)
     if s.judge == "pairrm":
@@ -264,16 +283,16 @@ def make_judge(s, tok):
     return judges.make_judge("llm", model=jm, tokenizer=data.Tokenizer.from_dir(s.judge_model), batch_size=s.judge_batch)
 
 
-def judge_responses(s, judge, tok, rows, responses, out_path):
+def judge_responses(s, tok, rows, responses, out_path):
     """P matrices, one per prompt, in chunks of judge_batch prompts (`runs.in_chunks`). The prompt
     shown to PairRM is chat-rendered, as in the reference."""
     by_id = {g["id"]: g for g in responses}
 
-    def work(c, chunk, ctx):
+    def work(c, chunk, judge):
         Ps = judge([tok.render_chat(data.messages_of(r)) for r in chunk], [by_id[r["id"]]["responses"] for r in chunk], chunk)
         return [{"id": r["id"], "P": np.asarray(P).tolist()} for r, P in zip(chunk, Ps)]
 
-    return runs.in_chunks(rows, s.judge_batch, out_path, work, "judge", "judge", "prompt")
+    return runs.in_chunks(rows, s.judge_batch, out_path, work, "judge", "judge", "prompt", setup=lambda todo: make_judge(s, tok))
 
 
 # ----------------------------------------------------------------------------- 3. pairs + reference log-probs
@@ -333,11 +352,13 @@ def make_pairs(s, tok, policy_dir, responses, judgments, out_path):
 
     def work(c, batch, base):
         ids, mask = pair_tensors(batch, s, tok.pad_id, dev)
-        with torch.no_grad():
+        with torch.no_grad(), autocast(dev):
             lp = M.sequence_logps(base, ids, mask).tolist()
         return [dict(p, ref_chosen_logp=lp[j], ref_rejected_logp=lp[len(batch) + j]) for j, p in enumerate(batch)]
 
-    pairs = runs.in_chunks(pairs, s.batch_size, out_path, work, "pairs", "reference log-probs", "pair",
+    # scored in training's first-epoch batches, as training will score them (see autocast)
+    batches = [[pairs[i] for i in b] for b in batch_order(s, len(pairs))[:math.ceil(len(pairs) / s.batch_size)]]
+    pairs = runs.in_chunks(pairs, batches, out_path, work, "pairs", "reference log-probs", "pair",
                            setup=lambda todo: pipeline.micro_batched(pipeline.load(s, policy_dir, quantized=True), s.micro_batches))
     print(f"  pairs: {len(pairs)} from {len(rows)} prompts; no pair: {stats}")
     return pairs
@@ -370,7 +391,9 @@ def train(s, tok, policy_dir, pairs, work_dir, adapter_dir):
     step, log = 0, []
     ckpt = work_dir / "ckpt.pt"
     if ckpt.exists():
-        st = torch.load(ckpt, map_location=dev)
+        # to the CPU: AdamW's `step` counters stay where they are loaded, and a split model's
+        # parameters live on several devices (the moments follow each parameter by themselves)
+        st = torch.load(ckpt, map_location="cpu")
         with torch.no_grad():
             for p, v in zip(params, st["lora"]):
                 p.copy_(v)
@@ -380,11 +403,7 @@ def train(s, tok, policy_dir, pairs, work_dir, adapter_dir):
     W, net = parallel.world(), pipeline.micro_batched(model, s.micro_batches)
     # with torchrun: LoRA gradients all-reduced by DDP (parallel.ddp)
     score = parallel.ddp(net) if W > 1 else functools.partial(M.sequence_logps, net)
-    # The order of micro-batches is a pure function of (seed, epoch): a resumed run replays it.
-    order = []
-    for e in range(s.epochs):
-        perm = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(s.seed * 1000 + e)).tolist()
-        order += [perm[i:i + s.batch_size] for i in range(0, len(perm), s.batch_size)]
+    order = batch_order(s, len(pairs))
     model.train()
     bar = tqdm(total=total, initial=step, desc="train", unit="step")
     while step < total:
@@ -396,7 +415,10 @@ def train(s, tok, policy_dir, pairs, work_dir, adapter_dir):
             # A rank dealt no pair runs one with weight 0 (DDP needs a backward from every rank).
             mine = mb[parallel.rank()::W]
             share = len(mine) / len(mb)
-            loss = train_step(score, [pairs[i] for i in mine or mb[:1]], s, tok.pad_id, dev)
+            loss, logr_w, logr_l = train_step(score, [pairs[i] for i in mine or mb[:1]], s, tok.pad_id, dev)
+            if step == 0 and mb is micro[0]:  # the policy starts as the reference: 0 up to float rounding
+                print(f"  step 0: mean |log-ratio| {torch.cat([logr_w, logr_l]).abs().mean().item():.2e} (0 when "
+                      f"training scores as the reference was scored)")
             whole = loss.item() * share if W == 1 else sum(parallel.gather(loss.item() * share))
             if not math.isfinite(whole):
                 runs.not_finite(f"loss is {whole}", step, ckpt)
@@ -455,13 +477,13 @@ def mean_ci(x):
     return float(x.mean()), float(1.96 * x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
 
 
-def evaluate(s, t, judge, tok, heldout, base_answers, new_answers, out_path, loss):
+def evaluate(s, t, tok, heldout, base_answers, new_answers, out_path, loss):
     """Win rate of pi_{t+1} over pi_0 on held-out prompts: each pair judged in both orders
     (to cancel position bias) and averaged; with the verifiable judge also both models'
     constraint-satisfaction rates and their paired difference."""
     if out_path.exists():
         return json.loads(out_path.read_text())
-    prompts = [tok.render_chat(data.messages_of(r)) for r in heldout]
+    prompts, judge = [tok.render_chat(data.messages_of(r)) for r in heldout], make_judge(s, tok)
     new = [a["responses"][0] for a in new_answers]
     old = [a["responses"][0] for a in base_answers]
     wins = []
@@ -513,7 +535,6 @@ def run(s):
     if stats["too_long"] or long_heldout:
         print(f"  prompts longer than --max-prompt-len {s.max_prompt_len}: {stats['too_long']} training, "
               f"{long_heldout} held-out ({'truncated' if s.long_prompts == 'truncate' else 'skipped'})")
-    judge = make_judge(s, tok)
     seeds = [50 * k for k in range(s.k)]  # 0, 50, 100, 150, 200 as in the reference
     with runs.stage("base", "generate") as st:
         base_answers = sample(s, base_dir, tok, heldout, run_dir / "eval_base.jsonl", [0], greedy=True, desc="eval pi_0",
@@ -531,7 +552,7 @@ def run(s):
             responses = sample(s, policy, tok, parts[t], it / "responses.jsonl", seeds)
             st["summary"] = report.answers_summary(responses, "responses")
         with runs.stage(where, "judge") as st:
-            judgments = judge_responses(s, judge, tok, parts[t], responses, it / "judgments.jsonl")
+            judgments = judge_responses(s, tok, parts[t], responses, it / "judgments.jsonl")
             st["summary"] = f"{len(judgments)} prompts, {len(judgments) * s.k * (s.k - 1) // 2} pairs of responses"
         with runs.stage(where, "pairs") as st:
             pairs = make_pairs(s, tok, policy, responses, judgments, it / "pairs.jsonl")
@@ -549,7 +570,7 @@ def run(s):
             loss = float(np.mean([r["loss"] for r in log[-max(1, len(log) // 4):]])) if log else float("nan")
             if parallel.is_main():  # with torchrun the others go on and wait in the next collective
                 report.export_alpaca_eval(it / "alpaca_eval" / "model_outputs.json", heldout, answers, f"{s.name}_sppo_iter{t + 1}")
-                res = evaluate(s, t, judge, tok, heldout, base_answers, answers, it / "eval.json", loss)
+                res = evaluate(s, t, tok, heldout, base_answers, answers, it / "eval.json", loss)
                 wr, ci = res["win_rate"]
                 st["summary"] = f"win rate vs pi_0 {wr:.3f} +/- {ci:.3f} on {res['n_eval']} prompts"
                 table.append(res)

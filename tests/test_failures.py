@@ -190,7 +190,7 @@ def test_out_of_gpu_memory_names_the_flag_to_lower(tiny, tmp_path, capsys, monke
     answers = lambda s, pol, tok, rows, *a, **k: [{"id": r["id"], "responses": ["x"] * 2, "response_ids": [[5]] * 2}
                                                   for r in rows]
     monkeypatch.setattr(sppo, "sample", oom if stage == "sample" else answers)
-    monkeypatch.setattr(sppo, "judge_responses", lambda s, j, tok, rows, *a: [{"id": r["id"]} for r in rows])
+    monkeypatch.setattr(sppo, "judge_responses", lambda s, tok, rows, *a: [{"id": r["id"]} for r in rows])
     monkeypatch.setattr(sppo, "make_pairs", lambda *a: [])
     monkeypatch.setattr(sppo, "train", oom)
     err = fails(capsys, args(tiny, tmp_path / "runs"))

@@ -340,6 +340,32 @@ def test_pairrm_pairwise_mode_matches_llm_blender_compare(pairrm_dir):
         np.testing.assert_allclose(D.mean(axis=1), s[n], rtol=0, atol=1e-4)
 
 
+def test_pairrm_gets_the_device_string_llm_blender_halves_for_and_runs_on_its_card(tmp_path, monkeypatch):
+    """llm-blender switches the ranker to fp16 only when its device is the string "cuda": a judge
+    asked for "cuda:1" must hand it "cuda" (and make card 1 current while it loads and judges),
+    "cpu" stays "cpu". A stand-in Blender records what llm-blender would be given."""
+    import llm_blender
+    seen = []
+
+    class StandIn:
+        def __init__(self, config):
+            seen.append(("config", config.device))
+
+        def loadranker(self, path, device=None, **kw):
+            seen.append(("loadranker", device))
+
+        def rank(self, prompts, candidates, **kw):
+            return [[0.0] * len(c) for c in candidates]
+
+    monkeypatch.setattr(llm_blender, "Blender", StandIn)
+    for asked, given in (("cuda:1", "cuda"), ("cuda", "cuda"), ("cpu", "cpu")):
+        seen.clear()
+        j = judge.PairRMJudge(tmp_path, device=asked)
+        assert seen == [("config", given), ("loadranker", given)], asked
+        assert j.card == {"cuda:1": 1, "cuda": None, "cpu": None}[asked]  # None: the current card
+        assert_pref_matrix(j(["p"], [["a", "b"]])[0], 2)
+
+
 def test_pairrm_render_and_refusals(pairrm_dir, tmp_path):
     ranker, backbone = pairrm_dir
     raw = ["write a short poem about the sea", "what is the moon made of"]

@@ -193,8 +193,7 @@ def test_reference_logps_are_frozen_and_differ_from_trained_policy(tiny_setup, t
     it = tmp_path / "it"
     it.mkdir()
     responses = sppo.sample(s, Path(s.model), tok, rows, it / "responses.jsonl", [0, 50, 100])
-    judge = sppo.make_judge(s, tok)
-    judgments = sppo.judge_responses(s, judge, tok, rows, responses, it / "judgments.jsonl")
+    judgments = sppo.judge_responses(s, tok, rows, responses, it / "judgments.jsonl")
     pairs = sppo.make_pairs(s, tok, Path(s.model), responses, judgments, it / "pairs.jsonl")
     assert pairs, "the tiny setup must give some pairs"
     before = (it / "pairs.jsonl").read_bytes()
