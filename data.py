@@ -195,8 +195,11 @@ def prompt_id(key):
 
 
 def _read_text(path):
-    with open(path, "rb") as f:
-        text = decode(path, f.read())
+    try:
+        with open(path, "rb") as f:
+            text = decode(path, f.read())
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
     if not text.strip():
         raise DataError(f"{path}:1: file is empty")
     return text
@@ -226,11 +229,23 @@ def _json_records(path):
         pos = end
 
 
+PROMPT_FIELDS = ("prompt", "messages", "id", "checks")  # the only columns read from a Parquet file
+
+
 def _parquet_records(path):
     import pyarrow.parquet as pq  # imported here: only Parquet inputs need pyarrow
 
     try:
-        rows = pq.read_table(path).to_pylist()
+        f = pq.ParquetFile(path)
+        names = f.schema_arrow.names
+        # only the columns we use: a preference set's chosen/rejected answers can be most of the file
+        cols = [c for c in names if c in PROMPT_FIELDS]
+        if "prompt" not in cols and "messages" not in cols:
+            raise DataError(f"{path}: row 1: missing field 'prompt' (or 'messages'); its columns are "
+                            f"{', '.join(names) or 'none'}")
+        rows = f.read(columns=cols).to_pylist()
+    except DataError:
+        raise
     except Exception as e:
         raise DataError(f"{path}: not a readable Parquet file ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if not rows:
@@ -239,25 +254,34 @@ def _parquet_records(path):
         yield f"{path}: row {i}", row
 
 
+def _messages(value, field, where):
+    """A chat as a list of {"role", "content"} ending with the user's turn (the one to answer)."""
+    if not isinstance(value, list):
+        raise DataError(f"{where}: field '{field}' must be a list, got {type(value).__name__}")
+    for j, m in enumerate(value):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise DataError(f"{where}: field '{field}[{j}]' must be {{'role': str, 'content': str}}")
+    messages = [{"role": m["role"], "content": m["content"]} for m in value]
+    if messages and messages[-1]["role"] != "user":
+        raise DataError(f"{where}: field '{field}' must end with a user turn, got '{messages[-1]['role']}'")
+    return messages
+
+
 def _clean_row(raw, where):
     """One input record -> {"id", "prompt", "messages"[, "checks"]}, or None if the prompt is empty."""
     if not isinstance(raw, dict):
         raise DataError(f"{where}: expected an object, got {type(raw).__name__}")
-    # "prompt" wins over "messages": in UltraFeedback-style data "messages" also holds the answer
-    if raw.get("prompt") is not None:
-        if not isinstance(raw["prompt"], str):
-            raise DataError(f"{where}: field 'prompt' must be a string, got {type(raw['prompt']).__name__}")
-        messages = [{"role": "user", "content": raw["prompt"]}]
+    # "prompt" wins over "messages": in UltraFeedback-style data "messages" also holds the answer.
+    # A "prompt" may itself be a chat: TRL's conversational prompt-only format.
+    prompt = raw.get("prompt")
+    if isinstance(prompt, str):
+        messages = [{"role": "user", "content": prompt}]
+    elif isinstance(prompt, list):
+        messages = _messages(prompt, "prompt", where)
+    elif prompt is not None:
+        raise DataError(f"{where}: field 'prompt' must be a string or a list of messages, got {type(prompt).__name__}")
     elif raw.get("messages") is not None:
-        messages = raw["messages"]
-        if not isinstance(messages, list):
-            raise DataError(f"{where}: field 'messages' must be a list, got {type(messages).__name__}")
-        for j, m in enumerate(messages):
-            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-                raise DataError(f"{where}: field 'messages[{j}]' must be {{'role': str, 'content': str}}")
-        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
-        if messages and messages[-1]["role"] != "user":
-            raise DataError(f"{where}: field 'messages' must end with a user turn, got '{messages[-1]['role']}'")
+        messages = _messages(raw["messages"], "messages", where)
     else:
         raise DataError(f"{where}: missing field 'prompt' (or 'messages')")
     if not messages or not messages[-1]["content"].strip():
@@ -274,36 +298,83 @@ def _clean_row(raw, where):
     return row
 
 
-def load_prompts(path):
-    """-> (rows, stats). Drops empty and duplicate prompts (counted in stats); raises DataError on a bad row."""
+PROMPT_READERS = {".jsonl": _jsonl_records, ".ndjson": _jsonl_records, ".json": _json_records,
+                  ".parquet": _parquet_records}
+
+
+def _split_of(file):
+    # a dataset download names its shards <split>-00000-of-00003.parquet
+    m = re.match(r"(.+?)-\d+-of-\d+\.parquet$", os.path.basename(file))
+    return m.group(1) if m else None
+
+
+def prompt_files(path):
+    """The files a prompt argument names, in the order they are read: a file; a folder of Parquet
+    shards, as a dataset download leaves them (its *.parquet files, or else those in its data/
+    folder), in name order; or a glob such as 'data/train_prefs-*.parquet'. A folder that holds
+    several splits (train-..., test-...) is refused, naming them: mixing them is never wanted."""
     path = str(path)
-    ext = os.path.splitext(path)[1].lower()
-    readers = {".jsonl": _jsonl_records, ".ndjson": _jsonl_records, ".json": _json_records,
-               ".parquet": _parquet_records}
-    if ext not in readers:
-        raise DataError(f"{path}: unknown prompt file type '{ext}' (want .jsonl, .json or .parquet)")
+    if os.path.isdir(path):
+        folder = path
+        files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".parquet"))
+        if not files and os.path.isdir(os.path.join(path, "data")):
+            folder = os.path.join(path, "data")
+            files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".parquet"))
+        if not files:
+            raise DataError(f"{path}: a folder with no *.parquet files (nor data/*.parquet); give a .jsonl, "
+                            ".json or .parquet file, or a folder of Parquet shards")
+        splits = sorted({_split_of(f) or "?" for f in files})
+        if len(splits) > 1:
+            raise DataError(f"{folder}: holds the splits {', '.join(splits)}; give one split's files, "
+                            f"e.g. '{os.path.join(folder, splits[0])}-*.parquet'")
+        return files
+    if not os.path.exists(path) and any(c in path for c in "*?["):
+        import glob
+        files = sorted(f for f in glob.glob(path) if os.path.isfile(f))
+        if not files:
+            raise DataError(f"{path}: matches no file")
+        return files
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file")
+    return [path]
+
+
+def load_prompts(path):
+    """-> (rows, stats) from a prompt file, a folder of Parquet shards or a glob (prompt_files).
+    Drops empty and duplicate prompts (counted in stats); raises DataError on a bad row, and when
+    nothing is left."""
+    path = str(path)
+    files = prompt_files(path)
+    for f in files:
+        ext = os.path.splitext(f)[1].lower()
+        if ext not in PROMPT_READERS:
+            raise DataError(f"{f}: unknown prompt file type '{ext}' (want .jsonl, .json or .parquet)")
     rows, seen_text, seen_id = [], set(), {}
     stats = {"rows": 0, "kept": 0, "empty": 0, "duplicate": 0}
-    for where, raw in readers[ext](path):
-        stats["rows"] += 1
-        row = _clean_row(raw, where)
-        if row is None:
-            stats["empty"] += 1
-            continue
-        # one canonical text per conversation: a plain prompt and [{"user": prompt}] are the same thing
-        m = row["messages"]
-        plain = len(m) == 1 and m[0]["role"] == "user"
-        key = m[0]["content"] if plain else json.dumps(m, ensure_ascii=False, sort_keys=True)
-        if key in seen_text:
-            stats["duplicate"] += 1
-            continue
-        row["id"] = row["id"] or prompt_id(key)
-        if row["id"] in seen_id:  # same id, different prompt: resuming by id would silently mix them up
-            raise DataError(f"{where}: field 'id' {row['id']!r} already used at {seen_id[row['id']]}")
-        seen_text.add(key)
-        seen_id[row["id"]] = where
-        row["where"] = where  # file:line, for errors found later (e.g. a prompt too long)
-        rows.append(row)
+    for f in files:
+        for where, raw in PROMPT_READERS[os.path.splitext(f)[1].lower()](f):
+            stats["rows"] += 1
+            row = _clean_row(raw, where)
+            if row is None:
+                stats["empty"] += 1
+                continue
+            # one canonical text per conversation: a plain prompt and [{"user": prompt}] are the same thing
+            m = row["messages"]
+            plain = len(m) == 1 and m[0]["role"] == "user"
+            key = m[0]["content"] if plain else json.dumps(m, ensure_ascii=False, sort_keys=True)
+            if key in seen_text:
+                stats["duplicate"] += 1
+                continue
+            row["id"] = row["id"] or prompt_id(key)
+            if row["id"] in seen_id:  # same id, different prompt: resuming by id would silently mix them up
+                raise DataError(f"{where}: field 'id' {row['id']!r} already used at {seen_id[row['id']]}")
+            seen_text.add(key)
+            seen_id[row["id"]] = where
+            row["where"] = where  # file:line, for errors found later (e.g. a prompt too long)
+            rows.append(row)
+    if not rows:  # nothing to train or evaluate on: say so now, not as an empty stage later
+        raise DataError(f"{path}: no prompts left ({stats['rows']} rows: {stats['empty']} empty, "
+                        f"{stats['duplicate']} duplicates)")
     stats["kept"] = len(rows)
     return rows, stats
 
