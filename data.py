@@ -30,22 +30,39 @@ SPECIAL_TOKEN_NAMES = ["bos_token", "eos_token", "unk_token", "sep_token", "pad_
 
 
 def _read_json(path, default=None):
+    """A JSON object from a tokenizer or model file, or default when there is no such file. A
+    file that is there but unreadable, not UTF-8, not JSON or not an object is a DataError
+    naming it (and the line)."""
     if not os.path.exists(path):
         return default
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, "rb") as f:
+            text = _decode(path, f.read())
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: bad JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
-def _token_str(v):
+def _token_str(v, file, field):
     # tokenizer_config.json stores a token either as "<s>" or as {"content": "<s>", "lstrip": ..., ...}
-    return v.get("content") if isinstance(v, dict) else v
+    s = v.get("content") if isinstance(v, dict) else v
+    if v is not None and not isinstance(s, str):
+        raise DataError(f"{file}: field {field!r} must be a token string or {{'content': str}}, got {v!r}")
+    return s
 
 
-def _id_list(v):
+def _id_list(v, file, field):
     # generation_config / config eos_token_id may be an int, a list of ints, or missing
-    if v is None:
-        return []
-    return [v] if isinstance(v, int) else list(v)
+    ids = [] if v is None else [v] if isinstance(v, int) else v
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise DataError(f"{file}: field {field!r} must be a token id or a list of token ids, got {v!r}")
+    return ids
 
 
 class _GenerationTag(Extension):
@@ -84,13 +101,33 @@ def _compile_template(source):
 def _load_chat_template(path, cfg):
     # Newer checkpoints keep the template in chat_template.jinja, which wins over tokenizer_config.json
     # (as in transformers). A config may also hold a list of named templates; we want "default".
+    # Every prompt is rendered with it, so a folder without one, or with one that does not compile,
+    # is refused here, naming the file, rather than at the first prompt.
     jinja_file = os.path.join(path, "chat_template.jinja")
+    cfg_file = os.path.join(path, "tokenizer_config.json")
     if os.path.exists(jinja_file):
-        with open(jinja_file, encoding="utf-8") as f:
-            return f.read()
-    t = cfg.get("chat_template")
-    if isinstance(t, list):
-        t = {d["name"]: d["template"] for d in t}.get("default")
+        try:
+            with open(jinja_file, "rb") as f:
+                t, where = _decode(jinja_file, f.read()), f"{jinja_file}:"
+        except OSError as e:
+            raise DataError(f"{jinja_file}: cannot read ({e.strerror or e})") from None
+    else:
+        t, where = cfg.get("chat_template"), f"{cfg_file}: field 'chat_template', template line "
+        if isinstance(t, list):
+            if not all(isinstance(d, dict) and isinstance(d.get("name"), str) and isinstance(d.get("template"), str)
+                       for d in t):
+                raise DataError(f"{cfg_file}: field 'chat_template' must be a string or a list of "
+                                "{'name': str, 'template': str}")
+            t = {d["name"]: d["template"] for d in t}.get("default")
+        elif t is not None and not isinstance(t, str):
+            raise DataError(f"{cfg_file}: field 'chat_template' must be a string, got {type(t).__name__}")
+    if not t:
+        raise DataError(f"{path}: no chat template (chat_template.jinja, or 'chat_template' in tokenizer_config.json): "
+                        "prompts are rendered with the model's own template, so use an instruct/chat model")
+    try:
+        _compile_template(t)
+    except jinja2.TemplateSyntaxError as e:
+        raise DataError(f"{where}{e.lineno}: chat template syntax error ({e.message})") from None
     return t
 
 
@@ -107,37 +144,78 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path):
-        tok = tokenizers.Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
-        cfg = _read_json(os.path.join(path, "tokenizer_config.json"), {})
-        old_map = _read_json(os.path.join(path, "special_tokens_map.json"), {})  # older repos keep tokens here
-        gen_cfg = _read_json(os.path.join(path, "generation_config.json"), {})
-        model_cfg = _read_json(os.path.join(path, "config.json"), {})
+        """The tokenizer of a Hugging Face folder. Every file it reads is checked, alone and against
+        the others (token ids within config.json's vocab_size, eos ids within range, special tokens
+        in the vocabulary); anything wrong is a one-line DataError naming the file and field."""
+        path = str(path)
+        tok_file = os.path.join(path, "tokenizer.json")
+        if not os.path.isfile(tok_file):
+            raise DataError(f"{tok_file}: missing (need a Hugging Face fast tokenizer, tokenizer.json)")
+        try:
+            tok = tokenizers.Tokenizer.from_file(tok_file)
+        except Exception as e:  # tokenizers raises a bare Exception, its message ending "at line L column C"
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            at = re.search(r" at line (\d+) column \d+$", msg)
+            raise DataError(f"{tok_file}:{at.group(1) + ':' if at else ''} not a readable tokenizer ({msg})") from None
+        cfg_file, map_file = os.path.join(path, "tokenizer_config.json"), os.path.join(path, "special_tokens_map.json")
+        gen_file, model_file = os.path.join(path, "generation_config.json"), os.path.join(path, "config.json")
+        cfg = _read_json(cfg_file, {})
+        old_map = _read_json(map_file, {})  # older repos keep tokens here
+        gen_cfg = _read_json(gen_file, {})
+        model_cfg = _read_json(model_file, {})
 
         # tokens declared only in tokenizer_config.json (rare) still have to exist in the vocab
-        for _, d in sorted(cfg.get("added_tokens_decoder", {}).items(), key=lambda kv: int(kv[0])):
+        added = cfg.get("added_tokens_decoder", {})
+        if not (isinstance(added, dict) and all(k.isdigit() and isinstance(d, dict) and isinstance(d.get("content"), str)
+                                                for k, d in added.items())):
+            raise DataError(f"{cfg_file}: field 'added_tokens_decoder' must map token ids to {{'content': str, ...}}")
+        for _, d in sorted(added.items(), key=lambda kv: int(kv[0])):
             if tok.token_to_id(d["content"]) is None:
                 opts = {k: d[k] for k in ("single_word", "lstrip", "rstrip", "normalized") if k in d}
                 tok.add_tokens([tokenizers.AddedToken(d["content"], special=d.get("special", True), **opts)])
 
-        special = {}
+        special, source = {}, {}
         for name in SPECIAL_TOKEN_NAMES:
-            s = _token_str(cfg.get(name, old_map.get(name)))
+            file = cfg_file if cfg.get(name) is not None else map_file
+            s = _token_str(cfg.get(name, old_map.get(name)), file, name)
             if s:
-                special[name] = s
+                special[name], source[name] = s, file
+        file = cfg_file if cfg.get("additional_special_tokens") is not None else map_file
         extra = cfg.get("additional_special_tokens", old_map.get("additional_special_tokens")) or []
-        extra = [_token_str(t) for t in extra]
+        if not isinstance(extra, list):
+            raise DataError(f"{file}: field 'additional_special_tokens' must be a list, got {type(extra).__name__}")
+        extra = [_token_str(t, file, "additional_special_tokens") for t in extra]
         if extra:
             special["additional_special_tokens"] = extra
 
         def tid(name):
-            return tok.token_to_id(special[name]) if name in special else None
+            if name not in special:
+                return None
+            i = tok.token_to_id(special[name])
+            if i is None:  # the tokenizer would split it into pieces: generation would never stop on it
+                raise DataError(f"{source[name]}: {name} {special[name]!r} is not a token of {tok_file}")
+            return i
+
+        # Every id the model is given must have an embedding row: config.json's vocab_size bounds them.
+        ids = tok.get_vocab(with_added_tokens=True)
+        top = max(ids.values(), default=-1)
+        vocab = model_cfg.get("vocab_size")
+        if isinstance(vocab, int) and not isinstance(vocab, bool) and top >= vocab:
+            token = next(t for t, i in ids.items() if i == top)
+            raise DataError(f"{tok_file}: token {token!r} has id {top}, beyond {model_file}'s vocab_size {vocab}")
+        bound = vocab if isinstance(vocab, int) and not isinstance(vocab, bool) else top + 1
+        gen_eos = []
+        for file, c in ((gen_file, gen_cfg), (model_file, model_cfg)):
+            for i in _id_list(c.get("eos_token_id"), file, "eos_token_id"):
+                if not 0 <= i < bound:
+                    raise DataError(f"{file}: eos_token_id {i} is out of range (the vocabulary has ids 0-{bound - 1})")
+                gen_eos.append(i)
 
         bos_id = tid("bos_token")
-        gen_eos = _id_list(gen_cfg.get("eos_token_id")) + _id_list(model_cfg.get("eos_token_id"))
         eos_id = tid("eos_token")
         if eos_id is None:
             if not gen_eos:
-                raise ValueError(f"{path}: no eos token in tokenizer_config, generation_config or config.json")
+                raise DataError(f"{path}: no eos token in tokenizer_config.json, generation_config.json or config.json")
             eos_id = gen_eos[0]
         pad_id = tid("pad_token")
         pad_id = eos_id if pad_id is None else pad_id
@@ -147,6 +225,8 @@ class Tokenizer:
         # An explicit add_bos_token in the config is the model author's word and wins.
         with_special = tok.encode("x", add_special_tokens=True).ids
         add_bos = bos_id is not None and with_special[:1] == [bos_id]
+        if cfg.get("add_bos_token") is not None and not isinstance(cfg["add_bos_token"], bool):
+            raise DataError(f"{cfg_file}: field 'add_bos_token' must be true or false, got {cfg['add_bos_token']!r}")
         add_bos = bool(cfg.get("add_bos_token", add_bos)) and bos_id is not None
 
         return cls(tok, _load_chat_template(path, cfg), special, bos_id, eos_id, pad_id, stop_ids, add_bos)
@@ -325,8 +405,9 @@ def prompt_files(path):
                             ".json or .parquet file, or a folder of Parquet shards")
         splits = sorted({_split_of(f) or "?" for f in files})
         if len(splits) > 1:
+            eg = next((x for x in splits if x.startswith("train")), splits[0])
             raise DataError(f"{folder}: holds the splits {', '.join(splits)}; give one split's files, "
-                            f"e.g. '{os.path.join(folder, splits[0])}-*.parquet'")
+                            f"e.g. '{os.path.join(folder, eg)}-*.parquet'")
         return files
     if not os.path.exists(path) and any(c in path for c in "*?["):
         import glob

@@ -455,7 +455,7 @@ def test_parquet_folder_with_several_splits_is_refused_naming_them(tmp_path):
     with pytest.raises(DataError) as e:
         data.load_prompts(tmp_path)
     assert str(e.value) == (f"{tmp_path / 'data'}: holds the splits test_prefs, train_prefs; give one split's files, "
-                            f"e.g. '{tmp_path / 'data' / 'test_prefs'}-*.parquet'")
+                            f"e.g. '{tmp_path / 'data' / 'train_prefs'}-*.parquet'")
     rows, _ = data.load_prompts(str(tmp_path / "data" / "train_prefs-*.parquet"))  # as the message says
     assert [r["prompt"] for r in rows] == ["a"]
 
