@@ -14,7 +14,6 @@ made yet; they turn into passes (and strict xfail into a failure, to be unmarked
 import json
 import shutil
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 import torch
@@ -130,12 +129,23 @@ def write(p, text):
     return p
 
 
+def write_raw(p, raw):
+    p.write_bytes(raw)
+    return p
+
+
+def write_bytes_head(file):
+    raw = file.read_bytes()
+    file.write_bytes((10 ** 12).to_bytes(8, "little") + raw[8:])  # a header length past the end of the file
+    return file
+
+
 def several_splits(p):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     folder = p.parent / "dataset"
+    (folder / "data").mkdir(parents=True)
     for split in ("train", "test"):
-        (folder / "data").mkdir(parents=True, exist_ok=True)
-        import pyarrow as pa
-        import pyarrow.parquet as pq
         pq.write_table(pa.Table.from_pylist(PROMPTS), folder / "data" / f"{split}-00000-of-00001.parquet")
     return folder / "data"
 
@@ -254,17 +264,6 @@ ROWS = [
     Bad("flag_beta_with_sppo_loss", "flag", None, "--beta is not used by --loss sppo (its strength is --eta)",
         flags={"beta": 0.5}, xfail="flag checks come with runs.py (checks.check_flags is written, not yet called)"),
 ]
-
-
-def write_bytes_head(file):
-    raw = file.read_bytes()
-    file.write_bytes((10 ** 12).to_bytes(8, "little") + raw[8:])  # a header length past the end of the file
-    return file
-
-
-def write_raw(p, raw):
-    p.write_bytes(raw)
-    return p
 
 
 def argv(model, prompts, heldout, runs, **flags):
