@@ -37,7 +37,7 @@ def _read_json(path, default=None):
         return default
     try:
         with open(path, "rb") as f:
-            text = _decode(path, f.read())
+            text = decode(path, f.read())
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
     try:
@@ -108,7 +108,7 @@ def _load_chat_template(path, cfg):
     if os.path.exists(jinja_file):
         try:
             with open(jinja_file, "rb") as f:
-                t, where = _decode(jinja_file, f.read()), f"{jinja_file}:"
+                t, where = decode(jinja_file, f.read()), f"{jinja_file}:"
         except OSError as e:
             raise DataError(f"{jinja_file}: cannot read ({e.strerror or e})") from None
     else:

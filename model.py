@@ -563,7 +563,7 @@ def check_headers(path):
     path = Path(path)
     cfg = Config.from_hf(path)
     with torch.device("meta"):
-        want = {k: tuple(v.shape) for k, v in Transformer(cfg).named_parameters()}
+        want = {k: tuple(v.shape) for k, v in create(cfg).named_parameters()}
     index = path / "model.safetensors.index.json"
     seen = {}
     for file, listed in checkpoint_index(path).items():
