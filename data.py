@@ -128,7 +128,7 @@ def _load_chat_template(path, cfg):
         _compile_template(t)
     except jinja2.TemplateSyntaxError as e:
         raise DataError(f"{where}{e.lineno}: chat template syntax error ({e.message})") from None
-    return t
+    return t, where.rstrip(": ").removesuffix(", template line")
 
 
 @dataclass
@@ -229,7 +229,14 @@ class Tokenizer:
             raise DataError(f"{cfg_file}: field 'add_bos_token' must be true or false, got {cfg['add_bos_token']!r}")
         add_bos = bool(cfg.get("add_bos_token", add_bos)) and bos_id is not None
 
-        return cls(tok, _load_chat_template(path, cfg), special, bos_id, eos_id, pad_id, stop_ids, add_bos)
+        template, source = _load_chat_template(path, cfg)
+        out = cls(tok, template, special, bos_id, eos_id, pad_id, stop_ids, add_bos)
+        try:  # a template that cannot render one user turn is broken, whatever the prompts
+            out.render_chat([{"role": "user", "content": "Hello"}])
+        except Exception as e:
+            raise DataError(f"{source}: the chat template fails on a one-turn chat "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        return out
 
     @property
     def vocab_size(self):
@@ -479,7 +486,10 @@ def fit_prompts(rows, tok, max_prompt_len, long_prompts="error"):
     and line, or (long_prompts "truncate" / "skip") cut or dropped. -> (rows, how many were too long)."""
     out, n = [], 0
     for r in rows:
-        ids = tok.encode_chat(messages_of(r))
+        try:
+            ids = tok.encode_chat(messages_of(r))
+        except jinja2.TemplateError as e:  # e.g. Gemma's template refuses a system turn, Mistral's two user turns in a row
+            raise DataError(f"{r['where']}: the model's chat template refuses this prompt ({e.message or e})") from None
         if len(ids) <= max_prompt_len:
             out.append(r)
             continue

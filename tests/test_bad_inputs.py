@@ -140,6 +140,11 @@ def write_bytes_head(file):
     return file
 
 
+NO_SYSTEM = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+             "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # as Gemma's template refuses one
+
+
 def several_splits(p):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -158,6 +163,7 @@ class Bad:
     says: str             # words the message must contain after the path
     flags: dict = field(default_factory=dict)
     xfail: str = ""
+    model_too: object = None  # fn(model folder): a change to the (otherwise valid) model the row needs
 
 
 M = "model"
@@ -224,6 +230,9 @@ ROWS = [
     Bad("tokenizer_config_chat_template_syntax", M, lambda m: edit_json(
         m / "tokenizer_config.json", chat_template="{% for m in messages %}{{ m['content'] }}"),
         ": field 'chat_template', template line 1: chat template syntax error"),
+    Bad("tokenizer_config_chat_template_fails_on_one_turn", M, lambda m: edit_json(
+        m / "tokenizer_config.json", chat_template="{{ raise_exception('this template is broken') }}"),
+        ": field 'chat_template': the chat template fails on a one-turn chat (TemplateError: this template is broken)"),
     Bad("chat_template_jinja_not_utf8", M, lambda m: write_raw(m / "chat_template.jinja", b"{{ messages[0]['content'] }}\xe9"),
         ":1: not valid UTF-8"),
     Bad("special_tokens_map_syntax", M, lambda m: write(m / "special_tokens_map.json", '{"eos_token": "<|im_end|>",'),
@@ -246,6 +255,10 @@ ROWS = [
     Bad("prompts_trl_prompt_ends_with_assistant", "prompts", lambda p: write(p, json.dumps(
         {"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}) + "\n"),
         ":1: field 'prompt' must end with a user turn"),
+    Bad("prompts_refused_by_the_chat_template", "prompts", lambda p: write(p, json.dumps({"messages": [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]}) + "\n"),
+        ":1: the model's chat template refuses this prompt (System role not supported)",
+        model_too=lambda m: edit_json(m / "tokenizer_config.json", chat_template=NO_SYSTEM)),
     Bad("prompts_parquet_folder_of_several_splits", "prompts", several_splits, ": holds the splits test, train"),
     Bad("heldout_not_parquet", "heldout", lambda p: write_raw(p.with_suffix(".parquet"), b"PAR1 not really"),
         ": not a readable Parquet file"),
@@ -282,6 +295,8 @@ def run_bad(row, valid, tmp_path, capsys, monkeypatch, runs):
     shutil.copy(valid / "prompts.jsonl", prompts)
     heldout = prompts
     named = None
+    if row.model_too:
+        row.model_too(model)
     if row.target == "model":
         named = row.breaks(model)
     elif row.target in ("prompts", "heldout"):
