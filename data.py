@@ -30,22 +30,39 @@ SPECIAL_TOKEN_NAMES = ["bos_token", "eos_token", "unk_token", "sep_token", "pad_
 
 
 def _read_json(path, default=None):
+    """A JSON object from a tokenizer or model file, or default when there is no such file. A
+    file that is there but unreadable, not UTF-8, not JSON or not an object is a DataError
+    naming it (and the line)."""
     if not os.path.exists(path):
         return default
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, "rb") as f:
+            text = decode(path, f.read())
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: bad JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
-def _token_str(v):
+def _token_str(v, file, field):
     # tokenizer_config.json stores a token either as "<s>" or as {"content": "<s>", "lstrip": ..., ...}
-    return v.get("content") if isinstance(v, dict) else v
+    s = v.get("content") if isinstance(v, dict) else v
+    if v is not None and not isinstance(s, str):
+        raise DataError(f"{file}: field {field!r} must be a token string or {{'content': str}}, got {v!r}")
+    return s
 
 
-def _id_list(v):
+def _id_list(v, file, field):
     # generation_config / config eos_token_id may be an int, a list of ints, or missing
-    if v is None:
-        return []
-    return [v] if isinstance(v, int) else list(v)
+    ids = [] if v is None else [v] if isinstance(v, int) else v
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise DataError(f"{file}: field {field!r} must be a token id or a list of token ids, got {v!r}")
+    return ids
 
 
 class _GenerationTag(Extension):
@@ -84,14 +101,34 @@ def _compile_template(source):
 def _load_chat_template(path, cfg):
     # Newer checkpoints keep the template in chat_template.jinja, which wins over tokenizer_config.json
     # (as in transformers). A config may also hold a list of named templates; we want "default".
+    # Every prompt is rendered with it, so a folder without one, or with one that does not compile,
+    # is refused here, naming the file, rather than at the first prompt.
     jinja_file = os.path.join(path, "chat_template.jinja")
+    cfg_file = os.path.join(path, "tokenizer_config.json")
     if os.path.exists(jinja_file):
-        with open(jinja_file, encoding="utf-8") as f:
-            return f.read()
-    t = cfg.get("chat_template")
-    if isinstance(t, list):
-        t = {d["name"]: d["template"] for d in t}.get("default")
-    return t
+        try:
+            with open(jinja_file, "rb") as f:
+                t, where = decode(jinja_file, f.read()), f"{jinja_file}:"
+        except OSError as e:
+            raise DataError(f"{jinja_file}: cannot read ({e.strerror or e})") from None
+    else:
+        t, where = cfg.get("chat_template"), f"{cfg_file}: field 'chat_template', template line "
+        if isinstance(t, list):
+            if not all(isinstance(d, dict) and isinstance(d.get("name"), str) and isinstance(d.get("template"), str)
+                       for d in t):
+                raise DataError(f"{cfg_file}: field 'chat_template' must be a string or a list of "
+                                "{'name': str, 'template': str}")
+            t = {d["name"]: d["template"] for d in t}.get("default")
+        elif t is not None and not isinstance(t, str):
+            raise DataError(f"{cfg_file}: field 'chat_template' must be a string, got {type(t).__name__}")
+    if not t:
+        raise DataError(f"{path}: no chat template (chat_template.jinja, or 'chat_template' in tokenizer_config.json): "
+                        "prompts are rendered with the model's own template, so use an instruct/chat model")
+    try:
+        _compile_template(t)
+    except jinja2.TemplateSyntaxError as e:
+        raise DataError(f"{where}{e.lineno}: chat template syntax error ({e.message})") from None
+    return t, where.rstrip(": ").removesuffix(", template line")
 
 
 @dataclass
@@ -107,37 +144,78 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path):
-        tok = tokenizers.Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
-        cfg = _read_json(os.path.join(path, "tokenizer_config.json"), {})
-        old_map = _read_json(os.path.join(path, "special_tokens_map.json"), {})  # older repos keep tokens here
-        gen_cfg = _read_json(os.path.join(path, "generation_config.json"), {})
-        model_cfg = _read_json(os.path.join(path, "config.json"), {})
+        """The tokenizer of a Hugging Face folder. Every file it reads is checked, alone and against
+        the others (token ids within config.json's vocab_size, eos ids within range, special tokens
+        in the vocabulary); anything wrong is a one-line DataError naming the file and field."""
+        path = str(path)
+        tok_file = os.path.join(path, "tokenizer.json")
+        if not os.path.isfile(tok_file):
+            raise DataError(f"{tok_file}: missing (need a Hugging Face fast tokenizer, tokenizer.json)")
+        try:
+            tok = tokenizers.Tokenizer.from_file(tok_file)
+        except Exception as e:  # tokenizers raises a bare Exception, its message ending "at line L column C"
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            at = re.search(r" at line (\d+) column \d+$", msg)
+            raise DataError(f"{tok_file}:{at.group(1) + ':' if at else ''} not a readable tokenizer ({msg})") from None
+        cfg_file, map_file = os.path.join(path, "tokenizer_config.json"), os.path.join(path, "special_tokens_map.json")
+        gen_file, model_file = os.path.join(path, "generation_config.json"), os.path.join(path, "config.json")
+        cfg = _read_json(cfg_file, {})
+        old_map = _read_json(map_file, {})  # older repos keep tokens here
+        gen_cfg = _read_json(gen_file, {})
+        model_cfg = _read_json(model_file, {})
 
         # tokens declared only in tokenizer_config.json (rare) still have to exist in the vocab
-        for _, d in sorted(cfg.get("added_tokens_decoder", {}).items(), key=lambda kv: int(kv[0])):
+        added = cfg.get("added_tokens_decoder", {})
+        if not (isinstance(added, dict) and all(k.isdigit() and isinstance(d, dict) and isinstance(d.get("content"), str)
+                                                for k, d in added.items())):
+            raise DataError(f"{cfg_file}: field 'added_tokens_decoder' must map token ids to {{'content': str, ...}}")
+        for _, d in sorted(added.items(), key=lambda kv: int(kv[0])):
             if tok.token_to_id(d["content"]) is None:
                 opts = {k: d[k] for k in ("single_word", "lstrip", "rstrip", "normalized") if k in d}
                 tok.add_tokens([tokenizers.AddedToken(d["content"], special=d.get("special", True), **opts)])
 
-        special = {}
+        special, source = {}, {}
         for name in SPECIAL_TOKEN_NAMES:
-            s = _token_str(cfg.get(name, old_map.get(name)))
+            file = cfg_file if cfg.get(name) is not None else map_file
+            s = _token_str(cfg.get(name, old_map.get(name)), file, name)
             if s:
-                special[name] = s
+                special[name], source[name] = s, file
+        file = cfg_file if cfg.get("additional_special_tokens") is not None else map_file
         extra = cfg.get("additional_special_tokens", old_map.get("additional_special_tokens")) or []
-        extra = [_token_str(t) for t in extra]
+        if not isinstance(extra, list):
+            raise DataError(f"{file}: field 'additional_special_tokens' must be a list, got {type(extra).__name__}")
+        extra = [_token_str(t, file, "additional_special_tokens") for t in extra]
         if extra:
             special["additional_special_tokens"] = extra
 
         def tid(name):
-            return tok.token_to_id(special[name]) if name in special else None
+            if name not in special:
+                return None
+            i = tok.token_to_id(special[name])
+            if i is None:  # the tokenizer would split it into pieces: generation would never stop on it
+                raise DataError(f"{source[name]}: {name} {special[name]!r} is not a token of {tok_file}")
+            return i
+
+        # Every id the model is given must have an embedding row: config.json's vocab_size bounds them.
+        ids = tok.get_vocab(with_added_tokens=True)
+        top = max(ids.values(), default=-1)
+        vocab = model_cfg.get("vocab_size")
+        if isinstance(vocab, int) and not isinstance(vocab, bool) and top >= vocab:
+            token = next(t for t, i in ids.items() if i == top)
+            raise DataError(f"{tok_file}: token {token!r} has id {top}, beyond {model_file}'s vocab_size {vocab}")
+        bound = vocab if isinstance(vocab, int) and not isinstance(vocab, bool) else top + 1
+        gen_eos = []
+        for file, c in ((gen_file, gen_cfg), (model_file, model_cfg)):
+            for i in _id_list(c.get("eos_token_id"), file, "eos_token_id"):
+                if not 0 <= i < bound:
+                    raise DataError(f"{file}: eos_token_id {i} is out of range (the vocabulary has ids 0-{bound - 1})")
+                gen_eos.append(i)
 
         bos_id = tid("bos_token")
-        gen_eos = _id_list(gen_cfg.get("eos_token_id")) + _id_list(model_cfg.get("eos_token_id"))
         eos_id = tid("eos_token")
         if eos_id is None:
             if not gen_eos:
-                raise ValueError(f"{path}: no eos token in tokenizer_config, generation_config or config.json")
+                raise DataError(f"{path}: no eos token in tokenizer_config.json, generation_config.json or config.json")
             eos_id = gen_eos[0]
         pad_id = tid("pad_token")
         pad_id = eos_id if pad_id is None else pad_id
@@ -147,9 +225,18 @@ class Tokenizer:
         # An explicit add_bos_token in the config is the model author's word and wins.
         with_special = tok.encode("x", add_special_tokens=True).ids
         add_bos = bos_id is not None and with_special[:1] == [bos_id]
+        if cfg.get("add_bos_token") is not None and not isinstance(cfg["add_bos_token"], bool):
+            raise DataError(f"{cfg_file}: field 'add_bos_token' must be true or false, got {cfg['add_bos_token']!r}")
         add_bos = bool(cfg.get("add_bos_token", add_bos)) and bos_id is not None
 
-        return cls(tok, _load_chat_template(path, cfg), special, bos_id, eos_id, pad_id, stop_ids, add_bos)
+        template, source = _load_chat_template(path, cfg)
+        out = cls(tok, template, special, bos_id, eos_id, pad_id, stop_ids, add_bos)
+        try:  # a template that cannot render one user turn is broken, whatever the prompts
+            out.render_chat([{"role": "user", "content": "Hello"}])
+        except Exception as e:
+            raise DataError(f"{source}: the chat template fails on a one-turn chat "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        return out
 
     @property
     def vocab_size(self):
@@ -195,8 +282,11 @@ def prompt_id(key):
 
 
 def _read_text(path):
-    with open(path, "rb") as f:
-        text = decode(path, f.read())
+    try:
+        with open(path, "rb") as f:
+            text = decode(path, f.read())
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
     if not text.strip():
         raise DataError(f"{path}:1: file is empty")
     return text
@@ -226,11 +316,23 @@ def _json_records(path):
         pos = end
 
 
+PROMPT_FIELDS = ("prompt", "messages", "id", "checks")  # the only columns read from a Parquet file
+
+
 def _parquet_records(path):
     import pyarrow.parquet as pq  # imported here: only Parquet inputs need pyarrow
 
     try:
-        rows = pq.read_table(path).to_pylist()
+        f = pq.ParquetFile(path)
+        names = f.schema_arrow.names
+        # only the columns we use: a preference set's chosen/rejected answers can be most of the file
+        cols = [c for c in names if c in PROMPT_FIELDS]
+        if "prompt" not in cols and "messages" not in cols:
+            raise DataError(f"{path}: row 1: missing field 'prompt' (or 'messages'); its columns are "
+                            f"{', '.join(names) or 'none'}")
+        rows = f.read(columns=cols).to_pylist()
+    except DataError:
+        raise
     except Exception as e:
         raise DataError(f"{path}: not a readable Parquet file ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if not rows:
@@ -239,25 +341,34 @@ def _parquet_records(path):
         yield f"{path}: row {i}", row
 
 
+def _messages(value, field, where):
+    """A chat as a list of {"role", "content"} ending with the user's turn (the one to answer)."""
+    if not isinstance(value, list):
+        raise DataError(f"{where}: field '{field}' must be a list, got {type(value).__name__}")
+    for j, m in enumerate(value):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise DataError(f"{where}: field '{field}[{j}]' must be {{'role': str, 'content': str}}")
+    messages = [{"role": m["role"], "content": m["content"]} for m in value]
+    if messages and messages[-1]["role"] != "user":
+        raise DataError(f"{where}: field '{field}' must end with a user turn, got '{messages[-1]['role']}'")
+    return messages
+
+
 def _clean_row(raw, where):
     """One input record -> {"id", "prompt", "messages"[, "checks"]}, or None if the prompt is empty."""
     if not isinstance(raw, dict):
         raise DataError(f"{where}: expected an object, got {type(raw).__name__}")
-    # "prompt" wins over "messages": in UltraFeedback-style data "messages" also holds the answer
-    if raw.get("prompt") is not None:
-        if not isinstance(raw["prompt"], str):
-            raise DataError(f"{where}: field 'prompt' must be a string, got {type(raw['prompt']).__name__}")
-        messages = [{"role": "user", "content": raw["prompt"]}]
+    # "prompt" wins over "messages": in UltraFeedback-style data "messages" also holds the answer.
+    # A "prompt" may itself be a chat: TRL's conversational prompt-only format.
+    prompt = raw.get("prompt")
+    if isinstance(prompt, str):
+        messages = [{"role": "user", "content": prompt}]
+    elif isinstance(prompt, list):
+        messages = _messages(prompt, "prompt", where)
+    elif prompt is not None:
+        raise DataError(f"{where}: field 'prompt' must be a string or a list of messages, got {type(prompt).__name__}")
     elif raw.get("messages") is not None:
-        messages = raw["messages"]
-        if not isinstance(messages, list):
-            raise DataError(f"{where}: field 'messages' must be a list, got {type(messages).__name__}")
-        for j, m in enumerate(messages):
-            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-                raise DataError(f"{where}: field 'messages[{j}]' must be {{'role': str, 'content': str}}")
-        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
-        if messages and messages[-1]["role"] != "user":
-            raise DataError(f"{where}: field 'messages' must end with a user turn, got '{messages[-1]['role']}'")
+        messages = _messages(raw["messages"], "messages", where)
     else:
         raise DataError(f"{where}: missing field 'prompt' (or 'messages')")
     if not messages or not messages[-1]["content"].strip():
@@ -274,36 +385,84 @@ def _clean_row(raw, where):
     return row
 
 
-def load_prompts(path):
-    """-> (rows, stats). Drops empty and duplicate prompts (counted in stats); raises DataError on a bad row."""
+PROMPT_READERS = {".jsonl": _jsonl_records, ".ndjson": _jsonl_records, ".json": _json_records,
+                  ".parquet": _parquet_records}
+
+
+def _split_of(file):
+    # a dataset download names its shards <split>-00000-of-00003.parquet
+    m = re.match(r"(.+?)-\d+-of-\d+\.parquet$", os.path.basename(file))
+    return m.group(1) if m else None
+
+
+def prompt_files(path):
+    """The files a prompt argument names, in the order they are read: a file; a folder of Parquet
+    shards, as a dataset download leaves them (its *.parquet files, or else those in its data/
+    folder), in name order; or a glob such as 'data/train_prefs-*.parquet'. A folder that holds
+    several splits (train-..., test-...) is refused, naming them: mixing them is never wanted."""
     path = str(path)
-    ext = os.path.splitext(path)[1].lower()
-    readers = {".jsonl": _jsonl_records, ".ndjson": _jsonl_records, ".json": _json_records,
-               ".parquet": _parquet_records}
-    if ext not in readers:
-        raise DataError(f"{path}: unknown prompt file type '{ext}' (want .jsonl, .json or .parquet)")
+    if os.path.isdir(path):
+        folder = path
+        files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".parquet"))
+        if not files and os.path.isdir(os.path.join(path, "data")):
+            folder = os.path.join(path, "data")
+            files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".parquet"))
+        if not files:
+            raise DataError(f"{path}: a folder with no *.parquet files (nor data/*.parquet); give a .jsonl, "
+                            ".json or .parquet file, or a folder of Parquet shards")
+        splits = sorted({_split_of(f) or "?" for f in files})
+        if len(splits) > 1:
+            eg = next((x for x in splits if x.startswith("train")), splits[0])
+            raise DataError(f"{folder}: holds the splits {', '.join(splits)}; give one split's files, "
+                            f"e.g. '{os.path.join(folder, eg)}-*.parquet'")
+        return files
+    if not os.path.exists(path) and any(c in path for c in "*?["):
+        import glob
+        files = sorted(f for f in glob.glob(path) if os.path.isfile(f))
+        if not files:
+            raise DataError(f"{path}: matches no file")
+        return files
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file")
+    return [path]
+
+
+def load_prompts(path):
+    """-> (rows, stats) from a prompt file, a folder of Parquet shards or a glob (prompt_files).
+    Drops empty and duplicate prompts (counted in stats); raises DataError on a bad row, and when
+    nothing is left."""
+    path = str(path)
+    files = prompt_files(path)
+    for f in files:
+        ext = os.path.splitext(f)[1].lower()
+        if ext not in PROMPT_READERS:
+            raise DataError(f"{f}: unknown prompt file type '{ext}' (want .jsonl, .json or .parquet)")
     rows, seen_text, seen_id = [], set(), {}
     stats = {"rows": 0, "kept": 0, "empty": 0, "duplicate": 0}
-    for where, raw in readers[ext](path):
-        stats["rows"] += 1
-        row = _clean_row(raw, where)
-        if row is None:
-            stats["empty"] += 1
-            continue
-        # one canonical text per conversation: a plain prompt and [{"user": prompt}] are the same thing
-        m = row["messages"]
-        plain = len(m) == 1 and m[0]["role"] == "user"
-        key = m[0]["content"] if plain else json.dumps(m, ensure_ascii=False, sort_keys=True)
-        if key in seen_text:
-            stats["duplicate"] += 1
-            continue
-        row["id"] = row["id"] or prompt_id(key)
-        if row["id"] in seen_id:  # same id, different prompt: resuming by id would silently mix them up
-            raise DataError(f"{where}: field 'id' {row['id']!r} already used at {seen_id[row['id']]}")
-        seen_text.add(key)
-        seen_id[row["id"]] = where
-        row["where"] = where  # file:line, for errors found later (e.g. a prompt too long)
-        rows.append(row)
+    for f in files:
+        for where, raw in PROMPT_READERS[os.path.splitext(f)[1].lower()](f):
+            stats["rows"] += 1
+            row = _clean_row(raw, where)
+            if row is None:
+                stats["empty"] += 1
+                continue
+            # one canonical text per conversation: a plain prompt and [{"user": prompt}] are the same thing
+            m = row["messages"]
+            plain = len(m) == 1 and m[0]["role"] == "user"
+            key = m[0]["content"] if plain else json.dumps(m, ensure_ascii=False, sort_keys=True)
+            if key in seen_text:
+                stats["duplicate"] += 1
+                continue
+            row["id"] = row["id"] or prompt_id(key)
+            if row["id"] in seen_id:  # same id, different prompt: resuming by id would silently mix them up
+                raise DataError(f"{where}: field 'id' {row['id']!r} already used at {seen_id[row['id']]}")
+            seen_text.add(key)
+            seen_id[row["id"]] = where
+            row["where"] = where  # file:line, for errors found later (e.g. a prompt too long)
+            rows.append(row)
+    if not rows:  # nothing to train or evaluate on: say so now, not as an empty stage later
+        raise DataError(f"{path}: no prompts left ({stats['rows']} rows: {stats['empty']} empty, "
+                        f"{stats['duplicate']} duplicates)")
     stats["kept"] = len(rows)
     return rows, stats
 
@@ -327,7 +486,10 @@ def fit_prompts(rows, tok, max_prompt_len, long_prompts="error"):
     and line, or (long_prompts "truncate" / "skip") cut or dropped. -> (rows, how many were too long)."""
     out, n = [], 0
     for r in rows:
-        ids = tok.encode_chat(messages_of(r))
+        try:
+            ids = tok.encode_chat(messages_of(r))
+        except jinja2.TemplateError as e:  # e.g. Gemma's template refuses a system turn, Mistral's two user turns in a row
+            raise DataError(f"{r['where']}: the model's chat template refuses this prompt ({e.message or e})") from None
         if len(ids) <= max_prompt_len:
             out.append(r)
             continue

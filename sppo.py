@@ -84,8 +84,8 @@ class Settings:
     tau: float = opt(0.1, "verifiable judge temperature: P = sigmoid((r_i - r_j) / tau)")
     # 3-4. the update
     loss: str = opt("sppo", "loss: sppo (the paper's), sppo_single, dpo, ipo", choices=["sppo", "sppo_single", "dpo", "ipo"])
-    eta: float = opt(50.0, "SPPO eta = 1/beta: log-ratio target is eta * (P_win - 1/2). The paper: 1000 for full fine-tuning")
-    beta: float = opt(0.1, "DPO/IPO beta")
+    eta: float = opt(50.0, "SPPO eta = 1/beta (--loss sppo, sppo_single; dpo and ipo do not use it): log-ratio target is eta * (P_win - 1/2). The paper: 1000 for full fine-tuning")
+    beta: float = opt(0.1, "DPO/IPO beta; --loss sppo and sppo_single do not use it (their strength is --eta)")
     lr: float = opt(2e-4, "learning rate (LoRA params; the paper's 5e-7 was for full fine-tuning)")
     epochs: int = opt(3, "epochs over each iteration's pairs")
     batch_size: int = opt(8, "pairs per micro-batch")

@@ -390,6 +390,105 @@ def test_load_prompts_malformed_parquet(tmp_path):
         data.load_prompts(tmp_path / "junk.parquet")
 
 
+# TRL's conversational prompt-only rows: "prompt" is itself a chat
+TRL_ROWS = [
+    {"prompt": [{"role": "user", "content": "What is 2+2?"}]},
+    {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi."}]},
+    {"prompt": [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi!"},
+                {"role": "user", "content": "Name a color."}]},
+]
+
+
+@pytest.mark.parametrize("ext", [".jsonl", ".json", ".parquet"])
+def test_trl_conversational_prompt_is_a_chat(tmp_path, ext):
+    rows, stats = data.load_prompts(write_rows(tmp_path / f"trl{ext}", TRL_ROWS))
+    assert stats == {"rows": 3, "kept": 3, "empty": 0, "duplicate": 0}
+    assert [r["messages"] for r in rows] == [r["prompt"] for r in TRL_ROWS]
+    assert [r["prompt"] for r in rows] == ["What is 2+2?", "Say hi.", "Name a color."]
+    # one user turn is the same prompt as the plain string: same id, counted as a duplicate together
+    plain, _ = data.load_prompts(write_rows(tmp_path / "plain.jsonl", [{"prompt": "What is 2+2?"}]))
+    assert rows[0]["id"] == plain[0]["id"]
+    both, stats = data.load_prompts(write_rows(tmp_path / "both.jsonl", [{"prompt": "What is 2+2?"}, TRL_ROWS[0]]))
+    assert len(both) == 1 and stats["duplicate"] == 1
+
+
+@pytest.mark.parametrize("prompt,words", [
+    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "field 'prompt' must end with a user turn"),
+    ([{"role": "user", "content": "q"}, {"role": "user"}], "field 'prompt[1]' must be"),
+    ({"role": "user", "content": "q"}, "field 'prompt' must be a string or a list of messages, got dict"),
+])
+def test_trl_conversational_prompt_is_checked_as_messages(tmp_path, prompt, words):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "fine"}) + "\n" + json.dumps({"prompt": prompt}) + "\n")
+    with pytest.raises(DataError) as e:
+        data.load_prompts(path)
+    assert str(e.value).startswith(f"{path}:2: {words}"), str(e.value)
+
+
+def write_shards(folder, split, chunks):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, chunk in enumerate(chunks):
+        write_rows(folder / f"{split}-{i:05d}-of-{len(chunks):05d}.parquet", chunk)
+
+
+def test_parquet_folder_of_a_dataset_download_is_read_in_name_order(tmp_path):
+    import pyarrow.parquet as pq
+
+    # as `hf download --repo-type dataset` leaves a one-split set: data/train-0000i-of-00003.parquet,
+    # with columns we do not use (here a preference set's answers) beside "prompt"
+    chunks = [[{"prompt": f"question {i} of shard {k}", "chosen": [{"role": "assistant", "content": "x"}]}
+               for i in range(3)] for k in range(3)]
+    write_shards(tmp_path / "ds" / "data", "train", chunks)
+    (tmp_path / "ds" / "README.md").write_text("a dataset card")
+    # the reference: pyarrow reading each shard, in the order of their names
+    shards = sorted((tmp_path / "ds" / "data").glob("*.parquet"))
+    want = [p for f in shards for p in pq.read_table(f).column("prompt").to_pylist()]
+    for given in (tmp_path / "ds", tmp_path / "ds" / "data", str(tmp_path / "ds" / "data" / "train-*.parquet")):
+        rows, stats = data.load_prompts(given)
+        assert [r["prompt"] for r in rows] == want and stats["rows"] == 9
+        assert rows[3]["where"] == f"{shards[1]}: row 1"  # errors name the shard and its row
+
+
+def test_parquet_folder_with_several_splits_is_refused_naming_them(tmp_path):
+    write_shards(tmp_path / "data", "train_prefs", [[{"prompt": "a"}]])
+    write_shards(tmp_path / "data", "test_prefs", [[{"prompt": "b"}]])
+    with pytest.raises(DataError) as e:
+        data.load_prompts(tmp_path)
+    assert str(e.value) == (f"{tmp_path / 'data'}: holds the splits test_prefs, train_prefs; give one split's files, "
+                            f"e.g. '{tmp_path / 'data' / 'train_prefs'}-*.parquet'")
+    rows, _ = data.load_prompts(str(tmp_path / "data" / "train_prefs-*.parquet"))  # as the message says
+    assert [r["prompt"] for r in rows] == ["a"]
+
+
+def folder_named_like_a_file(d, with_file):
+    (d / "x.jsonl").mkdir()
+    if with_file:
+        (d / "x.jsonl" / "notes.txt").write_text("not a prompt")
+
+
+@pytest.mark.parametrize("make,words", [
+    (lambda d: folder_named_like_a_file(d, False), "a folder with no *.parquet files"),
+    (lambda d: folder_named_like_a_file(d, True), "a folder with no *.parquet files"),
+    (lambda d: None, "no such file"),
+], ids=["empty_folder", "folder_without_parquet", "missing"])
+def test_prompt_path_that_is_no_prompt_file_is_one_error(tmp_path, make, words):
+    make(tmp_path)
+    with pytest.raises(DataError) as e:
+        data.load_prompts(tmp_path / "x.jsonl")
+    assert str(e.value).startswith(f"{tmp_path / 'x.jsonl'}: {words}"), str(e.value)
+    with pytest.raises(DataError, match="matches no file"):
+        data.load_prompts(tmp_path / "nothing-*.parquet")
+
+
+def test_a_file_with_no_prompt_left_is_an_error(tmp_path):
+    path = write_rows(tmp_path / "p.jsonl", [{"prompt": " "}, {"messages": []}, {"prompt": "  "}])
+    with pytest.raises(DataError) as e:
+        data.load_prompts(path)
+    assert str(e.value) == f"{path}: no prompts left (3 rows: 3 empty, 0 duplicates)"
+    with pytest.raises(DataError, match=r"no prompts left \(0 rows"):
+        data.load_prompts(write_rows(tmp_path / "p.json", []))
+
+
 # -----------------------------------------------------------------------------
 # artifacts
 

@@ -46,6 +46,7 @@ def test_config_reads_gemma_fields(tmp_path):
     assert [c.window(i) for i in range(4)] == [4, None, 4, None]
     assert (c.head_dim, c.query_pre_attn_scalar, c.hidden_act) == (24, 20, "gelu_pytorch_tanh")
     assert c.tie_embeddings  # Gemma2Config's default, absent from config.json
+    M.check_headers(tmp_path)  # the start-up check knows Gemma-2's extra norms (transformers wrote them)
     m = M.load_model(tmp_path)
     assert m.lm_head.weight is m.embed_tokens.weight
     good = json.loads((tmp_path / "config.json").read_text())

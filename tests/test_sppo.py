@@ -25,21 +25,33 @@ def T(x):
 
 # ----------------------------------------------------------------------------- losses
 
-def test_each_loss_equals_hand_computed_value():
-    # logr_w = -10 - (-12) = 2, logr_l = -20 - (-19) = -1; eta = 5, beta = 0.5
-    args = lambda: (T(-10), T(-20), T(-12), T(-19), T(0.8), T(0.3), T(0.9))
-    f = lambda kind: sppo.preference_loss(kind, *args(), eta=5.0, beta=0.5).item()
-    # sppo: ((2 - 5*0.3)^2 + (-1 - 5*(-0.2))^2) / 2 = (0.25 + 0) / 2
-    assert f("sppo") == pytest.approx(0.125)
-    # sppo_single: ((2 - 5*0.4)^2 + (-1 + 5*0.4)^2) / 2 = (0 + 1) / 2
-    assert f("sppo_single") == pytest.approx(0.5)
-    # dpo: -log sigmoid(0.5 * (2 - (-1))) = log(1 + e^-1.5)
-    assert f("dpo") == pytest.approx(math.log1p(math.exp(-1.5)))
-    # ipo: (2 - (-1) - 1/(2*0.5))^2 = 2^2
-    assert f("ipo") == pytest.approx(4.0)
+def test_each_loss_equals_hand_computed_value_with_both_terms_nonzero():
+    """Every loss on one pair, against the paper's formulas worked out by hand below. Both the
+    chosen and the rejected term are non-zero (and differ), and every input is used by some loss, so
+    a wrong factor on either term shows. Mutations this catches (each tried by hand): the
+    rejected term x0 or x2, the sign of the target flipped, eta in place of 1/eta or 1/eta in
+    place of eta, p_win and p_lose swapped, the -1/2 centring dropped, the /2 dropped, dpo
+    without beta, ipo's margin 1/(2 beta) written 1/beta, 2 beta or beta/2."""
+    # logr_w = -10 - (-11.5) = 1.5, logr_l = -20 - (-19.5) = -0.5; eta = 4, beta = 0.2
+    # p_hat_w = 0.75, p_hat_l = 0.125, P(y_w > y_l) = 0.8125 (all exact in binary)
+    args = lambda: (T(-10), T(-20), T(-11.5), T(-19.5), T(0.75), T(0.125), T(0.8125))
+    f = lambda kind: sppo.preference_loss(kind, *args(), eta=4.0, beta=0.2).item()
+    # sppo (eq. 4.2 on both): chosen (1.5 - 4 (0.75 - 0.5))^2 = 0.5^2 = 0.25,
+    #   rejected (-0.5 - 4 (0.125 - 0.5))^2 = (-0.5 + 1.5)^2 = 1; (0.25 + 1) / 2
+    assert f("sppo") == pytest.approx(0.625, abs=1e-12)
+    # sppo_single: target 4 (0.8125 - 0.5) = 1.25 up for chosen, down for rejected:
+    #   (1.5 - 1.25)^2 = 0.0625, (-0.5 + 1.25)^2 = 0.5625; (0.0625 + 0.5625) / 2
+    assert f("sppo_single") == pytest.approx(0.3125, abs=1e-12)
+    # dpo: -log sigmoid(beta (logr_w - logr_l)) = -log sigmoid(0.2 * 2) = log(1 + e^-0.4)
+    assert f("dpo") == pytest.approx(math.log1p(math.exp(-0.4)), abs=1e-6)
+    # ipo: (logr_w - logr_l - 1/(2 beta))^2 = (2 - 2.5)^2
+    assert f("ipo") == pytest.approx(0.25, abs=1e-6)
 
 
 def test_sppo_gradient_is_zero_when_log_ratio_hits_its_target():
+    """The fixed point of eq. 4.2: zero loss and gradient exactly at logr = eta (p_hat - 1/2) for
+    each response. Mutations this catches (tried by hand): the sign of the target flipped, 1/eta
+    or 2 eta for eta, p_win/p_lose swapped, the -1/2 centring dropped."""
     eta, p_win, p_lose = 7.0, 0.85, 0.2
     logp_w, logp_l = T(-3 + eta * (p_win - 0.5)), T(-4 + eta * (p_lose - 0.5))
     loss = sppo.preference_loss("sppo", logp_w, logp_l, T(-3), T(-4), T(p_win), T(p_lose), T(0.9), eta, 0.1)
@@ -52,6 +64,63 @@ def test_sppo_gradient_is_zero_when_log_ratio_hits_its_target():
     assert logp_w2.grad.abs().item() > 1.0
 
 
+def tabular_sppo_step(pi_t, win, eta):
+    """pi_{t+1} of one SPPO iteration over a tabular policy (one logit per response): the
+    paper's objective E_{y ~ pi_t}[(log pi(y)/pi_t(y) - eta (P(y > pi_t) - 1/2))^2], with
+    sppo.preference_loss as the per-response term, minimised to convergence by L-BFGS."""
+    ref = pi_t.log()
+    theta = ref.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([theta], lr=1, max_iter=200, tolerance_grad=1e-14, tolerance_change=1e-16,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        logp = theta.log_softmax(-1)
+        # every response is "chosen" and "rejected" of itself: the loss is (logr - eta (win - 1/2))^2,
+        # weighted by pi_t, the distribution the responses are sampled from
+        per = sppo.preference_loss("sppo", logp, logp, ref, ref, win, win, win, eta, 0.1)
+        loss = (pi_t * per).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return theta.detach().softmax(-1)
+
+
+def test_sppo_step_moves_probability_towards_responses_that_beat_pi_t_as_multiplicative_weights():
+    """One exact tabular SPPO step from pi_t against the closed form of the paper (sections 3-4):
+    the multiplicative-weights update pi_{t+1}(y) = pi_t(y) exp(eta P(y > pi_t)) / Z.
+
+    The square loss targets log(pi/pi_t) = eta (P(y > pi_t) - 1/2): it puts eta/2 where the
+    exact step has log Z. Since E_{pi_t}[P(y > pi_t)] = 1/2 (P + P^T = 1), log Z = eta/2 +
+    O(eta^2), and the softmax's normalisation leaves the fitted step within
+    eta^2 Var_{pi_t}(P(y > pi_t)) of the exact one at small eta, while the step itself moves
+    each log-probability by about eta |P(y > pi_t) - 1/2|, 45 to 100 times more here.
+    Mutations this catches (each tried by hand): the sign of the update flipped (probability
+    moves away from the winners: the von Neumann test below cannot see this, since
+    anti-multiplicative weights cycle around the interior equilibrium too), eta replaced by
+    1/eta, eta doubled, the -1/2 centring dropped. It cannot see a factor on the rejected term
+    or p_win/p_lose swapped (each response is its own chosen and rejected here): the
+    hand-computed test catches those."""
+    A = torch.tensor([[0, .3, -.2, .1], [-.3, 0, .25, -.15], [.2, -.25, 0, .35], [-.1, .15, -.35, 0]],
+                     dtype=torch.float64)  # antisymmetric: P = 1/2 + A has P + P^T = 1
+    P = 0.5 + A
+    pi_t = torch.tensor([0.4, 0.3, 0.2, 0.1], dtype=torch.float64)
+    win = P @ pi_t  # P(y > pi_t) = (0.56, 0.415, 0.54, 0.435): responses 0 and 2 beat pi_t
+    assert (pi_t @ win).item() == pytest.approx(0.5)
+    eta = 0.2
+    new = tabular_sppo_step(pi_t, win, eta)
+    moved = new.log() - pi_t.log()
+    # direction: up exactly for the responses that beat pi_t, down for the others
+    assert torch.equal(moved > 0, win > 0.5), (moved.tolist(), win.tolist())
+    # size: the multiplicative-weights step, up to the square loss's normalisation error
+    mw = pi_t * torch.exp(eta * win)
+    mw = mw / mw.sum()
+    var = (pi_t * (win - 0.5) ** 2).sum().item()
+    assert (new.log() - mw.log()).abs().max().item() <= eta ** 2 * var
+    assert (mw.log() - pi_t.log()).abs().min().item() > 40 * eta ** 2 * var  # the step is much larger
+
+
 def test_tabular_sppo_average_policy_converges_to_von_neumann_winner():
     """The paper's theorem on a rock-paper-scissors-like game, with the project's own loss.
 
@@ -60,6 +129,10 @@ def test_tabular_sppo_average_policy_converges_to_von_neumann_winner():
     pi with pi^T A >= 0, is (c, b, a) / (a + b + c) in closed form (A (c, b, a)^T = 0).
     Each SPPO iteration fits a tabular policy to the exact targets eta (P(y > pi_t) - 1/2)
     by minimising sppo.preference_loss; the average of the iterates must reach the winner.
+    Mutations this catches (tried by hand): eta replaced by 1/eta (steps of 1/0.3 overshoot
+    and the average misses the winner). It does NOT catch the update's sign flipped:
+    anti-multiplicative weights cycle around the same interior equilibrium, and their average
+    converges too; the direction test above catches that.
     """
     a, b, c = 0.4, 0.2, 0.1
     A = torch.tensor([[0, a, -b], [-a, 0, c], [b, -c, 0]], dtype=torch.float64)
@@ -72,22 +145,7 @@ def test_tabular_sppo_average_policy_converges_to_von_neumann_winner():
         pi_t = logits.softmax(-1)
         avg += pi_t / iters
         win = P @ pi_t                       # P(y > pi_t) for each response y
-        ref = pi_t.log()
-        theta = logits.clone().requires_grad_(True)
-        opt = torch.optim.LBFGS([theta], lr=1, max_iter=50, tolerance_grad=1e-12, tolerance_change=1e-14)
-
-        def closure():
-            opt.zero_grad()
-            logp = theta.log_softmax(-1)
-            # every response is "chosen" and "rejected" of itself: the loss is (logr - eta (win - 1/2))^2,
-            # weighted by pi_t, the distribution the responses are sampled from
-            per = sppo.preference_loss("sppo", logp, logp, ref, ref, win, win, win, eta, 0.1)
-            loss = (pi_t * per).sum()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        logits = theta.detach()
+        logits = tabular_sppo_step(pi_t, win, eta).log()
     dist = (avg - winner).abs().sum().item()
     assert dist < 0.02, (avg.tolist(), winner.tolist())
     # the last iterate cycles around the winner instead of settling (why the average matters)
