@@ -1,8 +1,18 @@
-"""Start-up checks of the flags themselves, before anything is loaded or written: a setting that
-would be silently ignored, or that cannot work, is one line naming the flag.
+"""checks.py: every bad start refused before anything is loaded or written. A flag out of its
+range, a device that is not there, a judge without its files, a flag the chosen loss would
+silently ignore, a prompt file that leaves an iteration with nothing to do: each is one line
+naming the flag (or the file and line), so that a typo costs a second, not a run folder that
+then refuses the corrected command.
 
-Ground floor: imports nothing of this project (Settings is read through dataclasses)."""
+The loaders check their own files (data.load_prompts, data.Tokenizer.from_dir,
+model.Config.from_hf, model.check_headers); this file checks what only the settings know."""
 import dataclasses
+import os
+
+import torch
+
+import judge as judges
+import quant
 
 
 class FlagError(ValueError):
@@ -11,16 +21,102 @@ class FlagError(ValueError):
 
 SPPO_LOSSES = ("sppo", "sppo_single")
 
+# flag: (test, what it must be). Flags not listed take any value their type parses.
+RANGES = {
+    "iters": (lambda v: v >= 1, ">= 1"), "k": (lambda v: v >= 2, ">= 2 (a pair needs two responses)"),
+    "prompts_per_iter": (lambda v: v >= 0, ">= 0 (0 = all)"), "eval_prompts": (lambda v: v >= 0, ">= 0 (0 = all)"),
+    "temperature": (lambda v: v >= 0, ">= 0 (0 = greedy)"), "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "top_k": (lambda v: v >= 0, ">= 0 (0 = off)"), "max_new_tokens": (lambda v: v >= 1, ">= 1"),
+    "gen_batch": (lambda v: v >= 1, ">= 1"), "eval_batch": (lambda v: v >= 0, ">= 0 (0 = --gen-batch)"),
+    "vllm_memory": (lambda v: 0 < v <= 1, "in (0, 1]"), "vllm_tp": (lambda v: v >= 1, ">= 1"),
+    "judge_batch": (lambda v: v >= 1, ">= 1"), "tau": (lambda v: v > 0, "> 0"),
+    "eta": (lambda v: v > 0, "> 0"), "beta": (lambda v: v > 0, "> 0"), "lr": (lambda v: v > 0, "> 0"),
+    "epochs": (lambda v: v >= 1, ">= 1"), "batch_size": (lambda v: v >= 1, ">= 1"),
+    "grad_accum": (lambda v: v >= 1, ">= 1"), "warmup": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "clip": (lambda v: v > 0, "> 0"), "max_len": (lambda v: v >= 2, ">= 2"),
+    "max_prompt_len": (lambda v: v >= 1, ">= 1"), "lora_r": (lambda v: v >= 1, ">= 1"),
+    "lora_alpha": (lambda v: v > 0, "> 0"), "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "ckpt_every": (lambda v: v >= 1, ">= 1"), "micro_batches": (lambda v: v >= 1, ">= 1"),
+    "device_mem": (lambda v: v >= 0, ">= 0 (0 = the card's own)"),
+}
 
-def _default(s, name):
-    return {f.name: f.default for f in dataclasses.fields(s)}[name]
+
+def flag(name):
+    return "--" + name.replace("_", "-")
 
 
 def check_flags(s):
-    """Raise FlagError for flags that the chosen loss would ignore: the SPPO losses' strength is
-    --eta (eta = 1/beta in the paper), DPO's and IPO's is --beta; a non-default value of the other
-    one would change nothing, and whoever set it believes otherwise."""
-    if s.loss in SPPO_LOSSES and s.beta != _default(s, "beta"):
+    """Raise FlagError for the first bad flag: out of range, a device that is not there, a judge
+    without its files, or the strength of the other loss (the SPPO losses' strength is --eta,
+    eta = 1/beta in the paper; DPO's and IPO's is --beta: a non-default value of the other one
+    would change nothing, and whoever set it believes otherwise)."""
+    for name, (ok, want) in RANGES.items():
+        v = getattr(s, name)
+        if not ok(v):
+            raise FlagError(f"{flag(name)} must be {want}, got {v}")
+    if s.max_prompt_len >= s.max_len:
+        raise FlagError(f"--max-prompt-len ({s.max_prompt_len}) must be below --max-len ({s.max_len}): "
+                        "a training sequence is the prompt and the response")
+    if not s.name or s.name != os.path.basename(s.name) or s.name in (".", ".."):
+        raise FlagError(f"--name must be a plain folder name, got {s.name!r}")
+    targets = s.lora_targets.split(",")
+    if not targets or not set(targets) <= set(quant.LINEARS):
+        raise FlagError(f"--lora-targets must be a comma-separated subset of {','.join(quant.LINEARS)}, got {s.lora_targets!r}")
+    default = {f.name: f.default for f in dataclasses.fields(s)}
+    if s.loss in SPPO_LOSSES and s.beta != default["beta"]:
         raise FlagError(f"--beta is not used by --loss {s.loss} (its strength is --eta)")
-    if s.loss not in SPPO_LOSSES and s.eta != _default(s, "eta"):
+    if s.loss not in SPPO_LOSSES and s.eta != default["eta"]:
         raise FlagError(f"--eta is not used by --loss {s.loss} (its strength is --beta)")
+    check_devices(s)
+    check_judge(s)
+
+
+def check_devices(s):
+    """--device and every entry of --devices name a device this machine has (cpu, or cuda[:i]
+    with i below the number of visible cards)."""
+    for name, value in (("device", s.device), *(("devices", d) for d in s.devices.split(",") if s.devices)):
+        if name == "device" and not value:
+            continue
+        try:
+            d = torch.device(value)
+        except (RuntimeError, ValueError):
+            raise FlagError(f"{flag(name)}: {value!r} is not a device (cpu, cuda or cuda:<index>)") from None
+        if d.type not in ("cpu", "cuda"):
+            raise FlagError(f"{flag(name)}: {value!r} is not supported (cpu, cuda or cuda:<index>)")
+        if d.type == "cuda" and not torch.cuda.is_available():
+            raise FlagError(f"{flag(name)}: {value} asked for, but this torch sees no CUDA device "
+                            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda is not None})")
+        if d.type == "cuda" and (d.index or 0) >= torch.cuda.device_count():
+            raise FlagError(f"{flag(name)}: {value} asked for, but only {torch.cuda.device_count()} CUDA device(s) "
+                            f"are visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
+
+
+def check_judge(s):
+    """The judge's files are there (nothing is downloaded at run time)."""
+    if s.judge == "pairrm":
+        if not s.pairrm_dir:
+            raise FlagError("--judge pairrm needs --pairrm-dir (a local copy of llm-blender/PairRM; see README)")
+        problem = judges.pairrm_paths_problem(s.pairrm_dir, s.pairrm_backbone or None)
+        if problem:
+            raise FlagError(problem)
+    if s.judge == "llm":
+        if not s.judge_model:
+            raise FlagError("--judge llm needs --judge-model (a local Hugging Face folder)")
+        if not os.path.isfile(os.path.join(os.path.expanduser(s.judge_model), "config.json")):
+            raise FlagError(f"--judge-model {s.judge_model}: no config.json there (need a local Hugging Face folder)")
+
+
+def check_prompts(s, pool, heldout, parts, path):
+    """What the prompt files mean for this run: the verifiable judge knows every check a row
+    asks for (with its parameters), and every iteration has prompts to play on."""
+    if s.judge == "verifiable":
+        for r in pool + heldout:
+            for c in r.get("checks", []):
+                problem = judges.check_problem(c)
+                if problem:
+                    raise FlagError(f"{r['where']}: {problem}")
+    for t, part in enumerate(parts):
+        if not part:
+            raise FlagError(f"{path}: {sum(map(len, parts))} prompts for --iters {s.iters}: iteration {t} has none "
+                            "(each iteration plays on its own part of the pool); add prompts or lower --iters")
+

@@ -234,6 +234,21 @@ def _lookup(check: dict) -> tuple[Callable[..., bool], dict]:
     return CHECKS[kind], params
 
 
+def check_problem(check) -> str | None:
+    """What is wrong with one check as a prompt row gives it (unknown type, parameters its
+    function does not take), or None: found at start-up, not hours later in the judge stage."""
+    if not isinstance(check, dict):
+        return f"a check must be an object like {{'type': 'max_words', 'n': 40}}, got {check!r}"
+    try:
+        fn, params = _lookup(check)
+        fn("A short sample answer, with 7 words.", **params)
+    except ValueError as e:
+        return str(e)
+    except Exception as e:  # a wrong or missing parameter: TypeError, or whatever the check does with it
+        return f"check {check!r}: {type(e).__name__}: {e}"
+    return None
+
+
 def check_results(response: str, checks: list[dict]) -> list[bool]:
     """One bool per check."""
     fns = [_lookup(c) for c in checks]  # fail on an unknown type even for empty answers
@@ -315,18 +330,12 @@ class PairRMJudge:
 
         if mode not in ("scores", "pairwise"):
             raise ValueError(f"mode must be 'scores' or 'pairwise', got {mode!r}")
-        ranker_dir = os.path.expanduser(str(ranker_dir))
-        if not os.path.isdir(ranker_dir):
-            # llm-blender would otherwise try to download it from the hub
-            raise FileNotFoundError(f"PairRM folder not found: {ranker_dir}")
-        kwargs = {}
+        problem = pairrm_paths_problem(ranker_dir, backbone_dir)
+        if problem:
+            raise ValueError(problem)
+        ranker_dir, kwargs = os.path.expanduser(str(ranker_dir)), {}
         if backbone_dir is not None:
-            backbone_dir = os.path.abspath(os.path.expanduser(str(backbone_dir)))
-            bad = [s for s in ("phi", "llama", "alpaca", "starling-rm") if s in backbone_dir.lower()]
-            if bad:
-                raise ValueError(f"backbone path {backbone_dir!r} contains {bad[0]!r}; llm-blender "
-                                 "would treat it as that model family. Move it to another path.")
-            kwargs["model_name"] = backbone_dir
+            kwargs["model_name"] = os.path.abspath(os.path.expanduser(str(backbone_dir)))
         self.mode, self.batch_size, self.render = mode, batch_size, render
         # llm-blender runs the ranker in fp16 only for the device string "cuda" (not "cuda:1"):
         # it gets "cuda", and card N is made the current one while it loads and judges.
@@ -367,6 +376,24 @@ class PairRMJudge:
         for (n, i, j), c in zip(pairs, np.asarray(logits, dtype=np.float64)):
             C[n, i, j] = c
         return [prob_matrix(lambda i, j: sigmoid((Cn[i, j] - Cn[j, i]) / 2), k) for Cn in C]
+
+
+def pairrm_paths_problem(ranker_dir, backbone_dir=None):
+    """Why PairRM cannot load from these folders, or None. llm-blender would try to download a
+    missing folder from the hub; and it picks tokenizer quirks by substring of the backbone's
+    name, so a path containing "phi", "llama" or "alpaca" would be mis-handled."""
+    ranker_dir = os.path.expanduser(str(ranker_dir))
+    if not os.path.isdir(ranker_dir):
+        return f"--pairrm-dir {ranker_dir}: PairRM folder not found"
+    if backbone_dir is not None:
+        backbone_dir = os.path.abspath(os.path.expanduser(str(backbone_dir)))
+        bad = [s for s in ("phi", "llama", "alpaca", "starling-rm") if s in backbone_dir.lower()]
+        if bad:
+            return (f"--pairrm-backbone {backbone_dir!r} contains {bad[0]!r}; llm-blender would treat it as "
+                    "that model family. Move it to another path.")
+        if not os.path.isdir(backbone_dir):
+            return f"--pairrm-backbone {backbone_dir}: folder not found"
+    return None
 
 
 # -----------------------------------------------------------------------------

@@ -262,20 +262,23 @@ def device_capacity(dev):
     return 24 * GiB
 
 
-def print_plan(rows):
-    """The plan as a table; returns False (and says which device) when something will not fit."""
+def print_plan(rows, errors=True):
+    """The plan as a table; returns False (and, with errors, says which device) when something
+    will not fit."""
     print("| device | layers | training peak | sampling peak | capacity |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['device']} | {r['layers']} | {r['train'] / GiB:.2f} GiB | {r['sample'] / GiB:.2f} GiB "
               f"| {r['capacity'] / GiB:.1f} GiB |")
     print(f"(estimates from the shapes; a CUDA device also pays {CONTEXT / GiB:.1f} GiB of context, included)")
-    over = [r for r in rows if max(r["train"], r["sample"]) > r["capacity"]]
-    for r in over:
-        need = max(r["train"], r["sample"])
-        print(f"error: {r['device']} needs {need / GiB:.1f} GiB of {r['capacity'] / GiB:.1f} GiB; lower "
-              f"--batch-size or --max-len, add --grad-ckpt, or add a device to --devices "
-              f"(sampling: lower --gen-batch or --max-new-tokens)")
-    return not over
+    for problem in plan_problems(rows) if errors else []:
+        print(f"error: {problem}")
+    return not plan_problems(rows)
+
+
+def plan_problems(rows):
+    return [f"{r['device']} needs {max(r['train'], r['sample']) / GiB:.1f} GiB of {r['capacity'] / GiB:.1f} GiB; lower "
+            f"--batch-size or --max-len, add --grad-ckpt, or add a device to --devices "
+            f"(sampling: lower --gen-batch or --max-new-tokens)" for r in rows if max(r["train"], r["sample"]) > r["capacity"]]
 
 
 # ----------------------------------------------------------------------------- measured vs planned

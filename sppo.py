@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import checks
 import convert
 import data
 import files
@@ -62,7 +63,7 @@ class Settings:
     prompts_per_iter: int = opt(48, "prompts used per iteration (from its part of the pool); 0 = the whole part")
     eval_prompts: int = opt(100, "held-out prompts used for evaluation; 0 = all")
     seed: int = opt(0, "seed for the prompt split, LoRA init and data order")
-    # 1. generation (the paper: K=5, temperature 0.7, top-p 0.9, seeds 0, 50, ..., 200)
+    # 1. generation (the paper: K=5, temperature 0.7, top-p 0.9)
     k: int = opt(5, "responses sampled per prompt (K)")
     temperature: float = opt(0.7, "sampling temperature")
     top_p: float = opt(0.9, "nucleus sampling top-p")
@@ -228,9 +229,10 @@ def pair_tensors(pairs, s, pad_id, device):
 # ----------------------------------------------------------------------------- 1. generate
 
 def sample(s, policy_dir, tok, rows, out_path, seeds, greedy=False, desc="generate", batch=0):
-    """K samples per prompt (seed seeds[k] for the k-th, as the reference's K vLLM passes),
-    in chunks of gen_batch prompts (`runs.in_chunks`): the same chunk always gets the same seeds, so
-    a resumed run samples what an uninterrupted one would."""
+    """K samples per prompt, in chunks of gen_batch prompts (`runs.in_chunks`). vLLM samples the
+    k-th with seed seeds[k] in one pass over all prompts, as the reference code's K vLLM passes;
+    the built-in sampler draws the k-th of chunk c with seed 1000 seeds[k] + c. Either way the
+    same chunk always gets the same seeds, so a resumed run samples what an uninterrupted one would."""
     temperature = 0.0 if greedy else s.temperature
 
     def setup(todo):
@@ -253,11 +255,13 @@ def sample(s, policy_dir, tok, rows, out_path, seeds, greedy=False, desc="genera
                                seed=seed * 1000 + c, pad_id=tok.pad_id) for seed in seeds]
         lines = []
         for i, r in enumerate(chunk):
+            # response_ids are exactly the sampled ids, the stop token that ended a response included
+            # (Gemma-2 stops on <end_of_turn>, not its eos; Llama-3 on <|eot_id|>): they are what is
+            # scored and trained. A response cut at --max-new-tokens has no end token.
             resp = [o[i] for o in outs]
             finished = [bool(x) and x[-1] in tok.stop_ids for x in resp]
-            body = [x[:-1] if f else x for x, f in zip(resp, finished)]
-            lines.append({"id": r["id"], "prompt_ids": ids[i], "responses": [tok.decode(b) for b in body],
-                          "response_ids": body, "finished": finished})
+            lines.append({"id": r["id"], "prompt_ids": ids[i], "finished": finished, "response_ids": resp,
+                          "responses": [tok.decode(x[:-1] if f else x) for x, f in zip(resp, finished)]})
         return lines
 
     # vLLM parallelises itself, so with torchrun rank 0 runs it alone: one chunk per round, its own.
@@ -326,11 +330,6 @@ def build_pairs(rows):
     return pairs, stats
 
 
-def with_eos(tokens, finished, eos):
-    """A finished response is scored with its stop token, so training also teaches to stop."""
-    return tokens + [eos] if finished else tokens
-
-
 def make_pairs(s, tok, policy_dir, responses, judgments, out_path):
     """Pairs as the reference builds them, each stored with log pi_t of chosen and rejected.
 
@@ -345,8 +344,8 @@ def make_pairs(s, tok, policy_dir, responses, judgments, out_path):
         g = by_id[p["id"]]
         w, l = p["chosen_idx"], p["rejected_idx"]
         p["prompt_ids"] = g["prompt_ids"]
-        p["chosen_ids"] = with_eos(g["response_ids"][w], g["finished"][w], tok.eos_id)
-        p["rejected_ids"] = with_eos(g["response_ids"][l], g["finished"][l], tok.eos_id)
+        # the sampled ids, stop token included: training also teaches to stop, on the token the model stops on
+        p["chosen_ids"], p["rejected_ids"] = g["response_ids"][w], g["response_ids"][l]
         p.pop("prompt")
     dev = pipeline.device_of(s)
 
@@ -506,16 +505,22 @@ def evaluate(s, t, tok, heldout, base_answers, new_answers, out_path, loss):
 
 # ----------------------------------------------------------------------------- the loop
 
-def run(s):
-    t0 = time.time()
+def start(s):
+    """Every input checked before the run folder is touched, so a bad start costs nothing and
+    leaves the folder as it was: the flags, the memory plan (always on CUDA), the model's files,
+    the prompt files. -> (pi_0's folder, tokenizer, the iterations' prompts, held-out prompts, run folder)."""
+    checks.check_flags(s)
     s.device, s.devices = parallel.setup(s.device, s.devices)  # torchrun: join the ranks, pick this one's devices
     base_dir = Path(s.model) if s.model else convert.embedded_model_dir()
-    if s.plan or s.devices:
-        bounds, rows = pipeline.run_plan(s, base_dir)
-        fits = pipeline.print_plan(rows)
+    devices = s.devices.split(",") if s.devices else [str(pipeline.device_of(s))]
+    cuda = any(torch.device(d).type == "cuda" for d in devices)
+    if s.plan or s.devices or cuda:
+        _, rows = pipeline.run_plan(s, base_dir)
+        fits = pipeline.print_plan(rows, errors=s.plan)
         if s.plan:
             sys.exit(0 if fits else 2)
-    # Every input is checked before the run folder is touched: a bad file costs nothing.
+        if not fits and cuda:
+            raise RunError(pipeline.plan_problems(rows)[0] + " (the plan above; --plan prints it alone)")
     M.Config.from_hf(base_dir)
     M.check_headers(base_dir)
     tok = data.Tokenizer.from_dir(base_dir)
@@ -524,18 +529,25 @@ def run(s):
     heldout = heldout[:s.eval_prompts] if s.eval_prompts else heldout
     pool, stats["too_long"] = data.fit_prompts(pool, tok, s.max_prompt_len, s.long_prompts)
     heldout, long_heldout = data.fit_prompts(heldout, tok, s.max_prompt_len, s.long_prompts)
+    parts = data.split_prompts(pool, s.iters, s.prompts_per_iter, s.seed)
+    checks.check_prompts(s, pool, heldout, parts, s.prompts)
     run_dir = Path(s.runs_dir) / s.name
     run_dir.mkdir(parents=True, exist_ok=True)
     runs.check_settings(s, run_dir, Settings.HARMLESS)
     if parallel.is_main():  # with torchrun only rank 0 writes, so only it cleans
         runs.remove_leftovers(run_dir)
-    parts = data.split_prompts(pool, s.iters, s.prompts_per_iter, s.seed)
     print(f"sppo: model {base_dir}, {len(pool)} prompts ({stats}), {s.iters} iterations x {len(parts[0])} prompts, "
           f"K={s.k}, judge {s.judge}, loss {s.loss}; run folder {run_dir}")
     if stats["too_long"] or long_heldout:
         print(f"  prompts longer than --max-prompt-len {s.max_prompt_len}: {stats['too_long']} training, "
               f"{long_heldout} held-out ({'truncated' if s.long_prompts == 'truncate' else 'skipped'})")
-    seeds = [50 * k for k in range(s.k)]  # 0, 50, 100, 150, 200 as in the reference
+    return base_dir, tok, parts, heldout, run_dir
+
+
+def run(s):
+    t0 = time.time()
+    base_dir, tok, parts, heldout, run_dir = start(s)
+    seeds = [50 * k for k in range(s.k)]  # 0, 50, ..., 200: the reference code's vLLM seeds (see sample)
     with runs.stage("base", "generate") as st:
         base_answers = sample(s, base_dir, tok, heldout, run_dir / "eval_base.jsonl", [0], greedy=True, desc="eval pi_0",
                               batch=s.eval_batch)
@@ -587,7 +599,7 @@ def main(argv=None):
     status 2, never a traceback."""
     try:
         return run(parse_args(argv))
-    except (files.DataError, M.ModelError, RunError) as e:
+    except (files.DataError, M.ModelError, checks.FlagError, RunError) as e:
         for bar in list(getattr(tqdm, "_instances", [])):  # end the stopped stage's bar: the error gets its own line
             bar.close()
         print(f"error: {e}", file=sys.stderr)

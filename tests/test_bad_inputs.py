@@ -263,19 +263,44 @@ ROWS = [
     Bad("heldout_not_parquet", "heldout", lambda p: write_raw(p.with_suffix(".parquet"), b"PAR1 not really"),
         ": not a readable Parquet file"),
     Bad("heldout_all_empty", "heldout", all_empty, ": no prompts left"),
-    # checks that need the start-up of sppo.run (not made yet)
+    # checks the start-up makes once the files are read (checks.check_prompts)
     Bad("prompts_unknown_check_type", "prompts", lambda p: write(p, json.dumps(
-        {"prompt": "hi", "checks": [{"type": "no_such_check"}]}) + "\n"), ":1: ",
-        xfail="needs sppo.run's start-up to check rows' checks against the judge's registry"),
-    Bad("prompts_fewer_than_iters", "prompts", lambda p: write(p, '{"prompt": "only one"}\n'), ": ",
-        flags={"iters": 2}, xfail="needs sppo.run's start-up: each iteration needs a prompt"),
-    # bad flags (after the restructuring)
-    Bad("flag_iters_0", "flag", None, "--iters", flags={"iters": 0}, xfail="flag checks come with runs.py"),
-    Bad("flag_device_tpu", "flag", None, "--device", flags={"device": "tpu"}, xfail="flag checks come with runs.py"),
-    Bad("flag_top_p_above_1", "flag", None, "--top-p", flags={"top-p": 1.5}, xfail="flag checks come with runs.py"),
-    Bad("flag_k_1", "flag", None, "--k", flags={"k": 1}, xfail="flag checks come with runs.py"),
+        {"prompt": "hi", "checks": [{"type": "no_such_check"}]}) + "\n"), ":1: unknown check type 'no_such_check'"),
+    Bad("prompts_check_with_a_wrong_parameter", "prompts", lambda p: write(p, json.dumps(
+        {"prompt": "hi", "checks": [{"type": "max_words", "words": 5}]}) + "\n"), ":1: check {'type': 'max_words'"),
+    Bad("prompts_fewer_than_iters", "prompts", lambda p: write(p, '{"prompt": "only one"}\n'),
+        ": 1 prompts for --iters 2: iteration 1 has none", flags={"iters": 2}),
+    # bad flags (checks.check_flags): one line naming the flag, before anything is read
+    Bad("flag_iters_0", "flag", None, "--iters must be >= 1, got 0", flags={"iters": 0}),
+    Bad("flag_iters_negative", "flag", None, "--iters must be >= 1, got -1", flags={"iters": -1}),
+    Bad("flag_k_1", "flag", None, "--k must be >= 2", flags={"k": 1}),
+    Bad("flag_lr_negative", "flag", None, "--lr must be > 0, got -1.0", flags={"lr": -1}),
+    Bad("flag_eta_negative", "flag", None, "--eta must be > 0, got -5.0", flags={"eta": -5}),
+    Bad("flag_top_p_above_1", "flag", None, "--top-p must be in (0, 1], got 1.5", flags={"top-p": 1.5}),
+    Bad("flag_top_p_0", "flag", None, "--top-p must be in (0, 1], got 0.0", flags={"top-p": 0}),
+    Bad("flag_temperature_negative", "flag", None, "--temperature must be >= 0", flags={"temperature": -0.1}),
+    Bad("flag_batch_size_0", "flag", None, "--batch-size must be >= 1, got 0", flags={"batch-size": 0}),
+    Bad("flag_gen_batch_0", "flag", None, "--gen-batch must be >= 1, got 0", flags={"gen-batch": 0}),
+    Bad("flag_warmup_1", "flag", None, "--warmup must be in [0, 1)", flags={"warmup": 1}),
+    Bad("flag_prompt_len_not_below_max_len", "flag", None, "--max-prompt-len (256) must be below --max-len (256)",
+        flags={"max-prompt-len": 256, "max-len": 256}),
+    Bad("flag_name_is_a_path", "flag", None, "--name must be a plain folder name", flags={"name": "a/b"}),
+    Bad("flag_lora_targets_unknown", "flag", None, "--lora-targets must be a comma-separated subset",
+        flags={"lora-targets": "q_proj,qkv"}),
     Bad("flag_beta_with_sppo_loss", "flag", None, "--beta is not used by --loss sppo (its strength is --eta)",
-        flags={"beta": 0.5}, xfail="flag checks come with runs.py (checks.check_flags is written, not yet called)"),
+        flags={"beta": 0.5}),
+    Bad("flag_device_tpu", "flag", None, "--device: 'tpu' is not", flags={"device": "tpu"}),
+    Bad("flag_devices_banana", "flag", None, "--devices: 'banana' is not a device", flags={"devices": "cpu,banana"}),
+    Bad("flag_devices_cards_not_there", "flag", None, "asked for, but",  # no CUDA here; elsewhere no 10th card
+        flags={"devices": "cuda:0,cuda:9"}),
+    Bad("flag_pairrm_without_dir", "flag", None, "--judge pairrm needs --pairrm-dir", flags={"judge": "pairrm"}),
+    Bad("flag_pairrm_dir_missing", "flag", None, "PairRM folder not found",
+        flags={"judge": "pairrm", "pairrm-dir": "/nonexistent/PairRM"}),
+    Bad("flag_pairrm_backbone_under_llama", "flag", None, "contains 'llama'; llm-blender would treat it as",
+        flags={"judge": "pairrm", "pairrm-dir": "/", "pairrm-backbone": "/models/llama-stuff/deberta"}),
+    Bad("flag_judge_llm_without_model", "flag", None, "--judge llm needs --judge-model", flags={"judge": "llm"}),
+    Bad("flag_judge_model_not_a_model", "flag", None, "--judge-model /: no config.json there",
+        flags={"judge": "llm", "judge-model": "/"}),
 ]
 
 

@@ -374,7 +374,7 @@ def test_pairrm_render_and_refusals(pairrm_dir, tmp_path):
     s = reference_blender(ranker, backbone).rank(PAIRRM_PROMPTS, PAIRRM_CANDS, return_scores=True, batch_size=2)
     P = j(raw, PAIRRM_CANDS)[1]
     assert P[1, 0] == pytest.approx(sig(float(s[1][1]) - float(s[1][0])), abs=1e-9)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ValueError, match="PairRM folder not found"):
         judge.PairRMJudge(tmp_path / "missing", device="cpu")
     with pytest.raises(ValueError, match="phi"):
         judge.PairRMJudge(ranker, device="cpu", backbone_dir=tmp_path / "dolphin")

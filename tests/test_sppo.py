@@ -344,8 +344,8 @@ def test_run_folder_refuses_different_settings(tiny_setup, tmp_path):
 def test_vllm_plumbing_gives_each_prompt_its_own_samples_and_resumes_by_chunk(tiny_setup, tmp_path, monkeypatch):
     """`--backend vllm` through sppo.sample with vLLM's process replaced by a stand-in (the real
     one is checked against our sampler by `make test-vllm`): every prompt gets the outputs made
-    for its own token ids, stop tokens are cut and flagged, and a resumed stage asks only for
-    the prompts of its unfinished chunks."""
+    for its own token ids, a stop token is kept in the ids (they are what gets scored), left out
+    of the text and flagged, and a resumed stage asks only for the prompts of its unfinished chunks."""
     import data
     import files
     import vllm_backend
@@ -366,10 +366,64 @@ def test_vllm_plumbing_gives_each_prompt_its_own_samples_and_resumes_by_chunk(ti
     for g, r in zip(got, rows):
         ids = tok.encode_chat(data.messages_of(r))
         assert g["prompt_ids"] == ids
-        assert g["response_ids"] == [[sum(ids) % 200 + 3, 7 + k] for k in range(2)]
-        assert g["finished"] == [bool(sum(ids) % 2)] * 2
+        stop = [tok.stop_ids[0]] if sum(ids) % 2 else []
+        assert g["response_ids"] == [[sum(ids) % 200 + 3, 7 + k] + stop for k in range(2)]
+        assert g["finished"] == [bool(stop)] * 2
+        assert g["responses"] == [tok.decode([sum(ids) % 200 + 3, 7 + k]) for k in range(2)]
     assert len({g["response_ids"][0][0] for g in got}) > 1  # the prompts really differ
     out.unlink()
     files.append_jsonl(out.with_suffix(".partial.jsonl"), got[:2])  # as if killed after the first chunk
     assert sppo.sample(s, tiny_setup / "model", tok, rows, out, [0, 50]) == got
     assert asked == [5, 3]
+
+
+def turn_end_is_not_eos_model(path):
+    """A tiny chat model whose eos (<|endoftext|>, 0) is not its chat template's turn end
+    (<|im_end|>, 2), with generation_config stopping on both (as Gemma-2-it and early Llama-3-Instruct
+    folders), and whose turn end is likely, so that a fair part of the samples end their turn."""
+    import data
+    from safetensors.torch import load_file, save_file
+    make_tiny_chat_model(path)
+    cfg = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**cfg, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}))
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, 2]}))
+    t = load_file(path / "model.safetensors")
+    e = t["model.embed_tokens.weight"]
+    e[:, 0] = 3.0  # every token's embedding leans one way along dimension 0, so the final hidden state does,
+    e[2, 0] += 0.3  # and the (tied) head row of <|im_end|> a little further: it gets a steady lead
+    save_file(t, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return data.Tokenizer.from_dir(path)
+
+
+def test_pairs_score_exactly_the_sampled_ids_when_the_turn_end_is_not_eos(tmp_path):
+    """The ids scored for chosen and rejected are, token for token, the ids sampled: a response
+    that ended its turn keeps the <|im_end|> it ended on, and nothing (no eos) is appended, so no
+    part of the SPPO signal goes into a token the model never sampled. The stored reference
+    log-prob, end token included, is transformers' log-prob of exactly those ids."""
+    import data
+    from transformers import AutoModelForCausalLM
+    tok = turn_end_is_not_eos_model(tmp_path / "model")
+    assert tok.eos_id == 0 and tok.stop_ids == [0, 2]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"say a thing {i}", "checks": [{"type": "min_words", "n": 2}]}) + "\n"
+                               for i in range(8)))
+    s = sppo.Settings(model=str(tmp_path / "model"), prompts=str(prompts), device="cpu", k=4, max_new_tokens=8,
+                      batch_size=3, lora_r=4)
+    rows = data.load_prompts(prompts)[0]
+    responses = sppo.sample(s, Path(s.model), tok, rows, tmp_path / "responses.jsonl", [0, 50, 100, 150])
+    judgments = sppo.judge_responses(s, tok, rows, responses, tmp_path / "judgments.jsonl")
+    pairs = sppo.make_pairs(s, tok, Path(s.model), responses, judgments, tmp_path / "pairs.jsonl")
+    by_id = {g["id"]: g for g in responses}
+    ended = [x[-1] for p in pairs for x in (p["chosen_ids"], p["rejected_ids"]) if x and x[-1] in tok.stop_ids]
+    assert len(pairs) >= 3 and ended.count(2) >= 2  # turn ends were sampled and are in the pairs
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32).eval()
+    for p in pairs:
+        g = by_id[p["id"]]
+        assert p["chosen_ids"] == g["response_ids"][p["chosen_idx"]]
+        assert p["rejected_ids"] == g["response_ids"][p["rejected_idx"]]
+        for key, ref in (("chosen_ids", "ref_chosen_logp"), ("rejected_ids", "ref_rejected_logp")):
+            ids = torch.tensor([p["prompt_ids"] + p[key]])
+            with torch.no_grad():
+                logp = hf(ids).logits[0, :-1].float().log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
+            # the reference is NF4 (4-bit rounding of the weights): close to the fp32 model, not equal
+            assert abs(p[ref] - logp[len(p["prompt_ids"]) - 1:].sum().item()) < 0.05 * len(p[key]), key
