@@ -113,25 +113,29 @@ def merge_lora(src_dir, lora_model, out_dir, dtype=None, on_shard=None):
     """Write src_dir's checkpoint with W + (alpha/r) B A folded into every adapted weight.
 
     The sum uses the full-precision weights read from disk, shard by shard (never the 4-bit
-    copy, whose rounding would be baked in), and the folder appears whole or not at all.
+    copy, whose rounding would be baked in), in float32, and is written in `dtype`, by default
+    each tensor's own (a bf16 checkpoint stays bf16: half the disk of float32). config.json says
+    the dtype in both generations' keys (torch_dtype, and dtype for transformers 5), so
+    from_pretrained(dtype="auto") loads it as written. The folder appears whole or not at all.
     on_shard(file) is called after each shard is written (progress, tests' kill points).
     """
     from safetensors import safe_open
     from safetensors.torch import save_file
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     deltas = {name + ".weight": m for name, m in lora_modules(lora_model).items()}
-    weight_map, total, used = {}, 0, set()
+    weight_map, total, used, written = {}, 0, set(), {}
     with files.atomic(out_dir, folder=True) as tmp:
         for file in M.checkpoint_files(src_dir):
             tensors = {}
             with safe_open(str(file), framework="pt") as f:
                 for name in f.keys():
                     t = f.get_tensor(name)
-                    key = M.hf_name(name)
+                    key, out_dtype = M.hf_name(name), dtype or t.dtype
                     if key in deltas:
                         t = t.float() + deltas[key].delta().to(t.device)
                         used.add(key)
-                    t = t.to(dtype or t.dtype).contiguous()
+                    t = t.to(out_dtype).contiguous()
+                    written[t.dtype] = written.get(t.dtype, 0) + t.numel()
                     tensors[name] = t
                     weight_map[name] = file.name
                     total += t.numel() * t.element_size()
@@ -147,11 +151,26 @@ def merge_lora(src_dir, lora_model, out_dir, dtype=None, on_shard=None):
         for name in HF_EXTRA_FILES:
             if (src_dir / name).exists():
                 shutil.copy(src_dir / name, tmp / name)
-        if dtype is not None:
-            cfg = json.loads((tmp / "config.json").read_text())
-            cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
-            (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        cfg = json.loads((tmp / "config.json").read_text())
+        cfg["torch_dtype"] = cfg["dtype"] = str(max(written, key=written.get)).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
     return out_dir
+
+
+def merged_bytes(src_dir, dtype=None):
+    """Bytes merge_lora writes for src_dir's checkpoint, from the shards' headers alone."""
+    from safetensors import safe_open
+    n = 0
+    for file in M.checkpoint_files(src_dir):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                t = f.get_slice(name)
+                size = torch.finfo(dtype).bits // 8 if dtype else DTYPE_BYTES[t.get_dtype()]
+                n += size * math.prod(t.get_shape())
+    return n
+
+
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 # ----------------------------------------------------------------------------- PEFT adapter files

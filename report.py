@@ -7,6 +7,10 @@ def kilo(n):
     return f"{n / 1000:.1f}k" if n >= 1000 else str(n)
 
 
+def size(n):
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def answers_summary(rows, what):
     n = sum(len(r["response_ids"]) for r in rows)
     tokens = sum(len(x) for r in rows for x in r["response_ids"])

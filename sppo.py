@@ -110,7 +110,8 @@ class Settings:
     micro_batches: int = opt(1, "GPipe micro-batches per training/scoring batch, so split devices work at once")
     plan: bool = opt(False, "print the memory each device needs for these settings and stop, before loading anything")
     device_mem: float = opt(0.0, "GiB per device for the plan (0 = each CUDA device's total; 24 otherwise)")
-    merged_dtype: str = opt("float32", "dtype of the merged checkpoints", choices=["float32", "bfloat16", "float16"])
+    merged_dtype: str = opt("auto", "dtype of the merged checkpoints; auto = the base checkpoint's own (bf16 for Llama-3: "
+                            "16 GB per iteration, not float32's 32)", choices=["auto", "float32", "bfloat16", "float16"])
 
     # Settings that change no artifact: a run may be resumed with other values.
     HARMLESS = ("name", "runs_dir", "device", "devices", "micro_batches", "plan", "device_mem", "judge_batch",
@@ -462,7 +463,8 @@ def merge(s, policy_dir, adapter_dir, out_dir):
         bar.update(1)
         runs.resume_point("merge")
 
-    lora.merge_lora(policy_dir, skeleton, out_dir, dtype=getattr(torch, s.merged_dtype), on_shard=shard_done)
+    dtype = None if s.merged_dtype == "auto" else getattr(torch, s.merged_dtype)
+    lora.merge_lora(policy_dir, skeleton, out_dir, dtype=dtype, on_shard=shard_done)
     bar.close()
     parallel.barrier()
     return out_dir
@@ -517,6 +519,9 @@ def start(s):
     if s.plan or s.devices or cuda:
         _, rows = pipeline.run_plan(s, base_dir)
         fits = pipeline.print_plan(rows, errors=s.plan)
+        each = lora.merged_bytes(base_dir, None if s.merged_dtype == "auto" else getattr(torch, s.merged_dtype))
+        print(f"disk: each merged pi_(t+1) {report.size(each)} (--merged-dtype {s.merged_dtype}), {s.iters} iterations "
+              f"{report.size(s.iters * each)} under {Path(s.runs_dir) / s.name} (adapters and JSONL files: a few MB more)")
         if s.plan:
             sys.exit(0 if fits else 2)
         if not fits and cuda:

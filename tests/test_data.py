@@ -512,6 +512,23 @@ def test_write_jsonl_roundtrip_and_atomic(tmp_path):
     assert os.listdir(tmp_path) == ["out.jsonl"]  # no temp files left behind
 
 
+def test_artifacts_get_the_modes_of_ordinary_files(tmp_path):
+    """Written atomically, artifacts still get the modes any file gets under the user's umask
+    (0644 with umask 022), not mkstemp's private 0600: runs are shared and served."""
+    old = os.umask(0o022)
+    try:
+        files.write_json(tmp_path / "a.json", {"x": 1})
+        files.write_jsonl(tmp_path / "b.jsonl", [{"x": 1}])
+        files.save_torch(tmp_path / "c.pt", {"x": 1})
+        with files.atomic(tmp_path / "d", folder=True) as d:
+            (d / "e.txt").write_text("e")
+    finally:
+        os.umask(old)
+    for p in ("a.json", "b.jsonl", "c.pt", "d/e.txt"):
+        assert (tmp_path / p).stat().st_mode & 0o777 == 0o644, p
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
+
+
 def test_write_json_atomic(tmp_path, monkeypatch):
     path = tmp_path / "run.json"
     files.write_json(path, {"step": 1, "name": "é"})

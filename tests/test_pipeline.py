@@ -202,6 +202,13 @@ def test_plan_command_prints_split_and_refuses_what_does_not_fit(tiny):
     ok = run("--devices", "cpu,cpu", "--device-mem", "4")
     assert ok.returncode == 0, ok.stderr
     assert "| cpu | 0-" in ok.stdout and "| cpu | " in ok.stdout.split("| cpu | 0-")[1]
+    # the disk each merged checkpoint takes: its tensors' bytes, in the checkpoint's own dtype by default
+    from safetensors.torch import load_file
+    each = sum(t.numel() * t.element_size() for t in load_file(tiny / "model.safetensors").values())
+    assert f"disk: each merged pi_(t+1) {each / 2**20:.1f} MiB (--merged-dtype auto), 3 iterations " \
+           f"{3 * each / 2**20:.1f} MiB" in ok.stdout, ok.stdout
+    half = run("--device", "cpu", "--merged-dtype", "bfloat16")
+    assert f"disk: each merged pi_(t+1) {each / 2 / 2**20:.1f} MiB (--merged-dtype bfloat16)" in half.stdout, half.stdout
     bad = run("--devices", "cpu,cpu", "--device-mem", "0.001")
     assert bad.returncode == 2
     assert "error: cpu needs" in bad.stdout and "--batch-size" in bad.stdout

@@ -1,4 +1,6 @@
 """quant.py against bitsandbytes, transformers and peft as independent references."""
+import json
+
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbf
 import pytest
@@ -146,3 +148,32 @@ def test_gradient_checkpointing_gives_the_same_lora_gradients(tiny_dir):
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
+
+
+def test_merge_writes_a_bf16_checkpoint_in_bf16_that_transformers_loads_as_bf16(tiny_dir, tmp_path):
+    """A home SSD holds one 8B checkpoint per iteration: the merge keeps the base's dtype (bf16
+    for Llama-3: half of float32's bytes) unless asked otherwise, and its config.json says so in
+    both generations' keys, so from_pretrained(dtype="auto") gives bf16. Asked for float32, it is
+    float32 throughout. The merged weights are W + (alpha/r) B A summed in float32, then rounded."""
+    from safetensors.torch import load_file
+    base = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16).save_pretrained(base)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        if (tiny_dir / f).exists():
+            (base / f).write_bytes((tiny_dir / f).read_bytes())
+    cfg = L.LoRAConfig(r=4, alpha=16)
+    ours = random_lora(M.load_model(base), cfg)
+    L.merge_lora(base, ours, tmp_path / "merged")
+    merged = {k: v for f in (tmp_path / "merged").glob("*.safetensors") for k, v in load_file(f).items()}
+    assert {v.dtype for v in merged.values()} == {torch.bfloat16}
+    written = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert written["torch_dtype"] == written["dtype"] == "bfloat16"
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype="auto")
+    assert {p.dtype for p in hf.parameters()} == {torch.bfloat16}
+    w = load_file(base / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"]
+    lin = ours.layers[0].self_attn.q_proj
+    want = (w.float() + lin.delta()).to(torch.bfloat16)
+    assert torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], want)
+    L.merge_lora(base, ours, tmp_path / "merged32", dtype=torch.float32)
+    assert {v.dtype for f in (tmp_path / "merged32").glob("*.safetensors") for v in load_file(f).values()} == {torch.float32}
+    assert json.loads((tmp_path / "merged32" / "config.json").read_text())["dtype"] == "float32"
