@@ -28,8 +28,10 @@ iteration at the paper's scale (20k prompts, K=5, up to 512 new tokens, 3 epochs
 
 Without CUDA there is nothing to check: one line, exit status 0 (CI stays green).
 
-Every call into the rest of the project goes through the few functions under "the project"
-below, so a rename there is a change in one place.
+What it calls in the rest of the project (to adapt after a rename): sppo.parse_args, workload,
+sequence_logps, main; pipeline.plan, print_plan, check, device_map, CONTEXT, LLAMA3_8B;
+model.Config, Transformer, rope_inv_freq, generate; quant.NF4Linear; tests/tiny.py's
+make_tiny_chat_model and the three device tests of tests/test_pipeline.py (DEVICE_TESTS).
 """
 import argparse
 import dataclasses
@@ -84,7 +86,7 @@ class Iteration:
 
 
 # ----------------------------------------------------------------------------- the project
-# The only places that call into sppo.py, pipeline.py, quant.py, model.py and the tests.
+# The calls into sppo.py and the tests that need glue; the steps call the rest directly.
 
 def settings(flags, devices):
     import sppo
