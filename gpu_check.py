@@ -608,6 +608,9 @@ def main(argv=None):
     header = (f"## gpu-check: {', '.join(c.cards)} (split {c.split}{', tiny shapes' if c.tiny else ''}), "
               f"{time.time() - t0:.0f} s")
     print("\n" + report(results, it, header, c.tiny))
+    budget = 10 if len(c.cards) == 1 else 15  # minutes: the promise to a user about to start a run
+    if c.cuda and time.time() - t0 > budget * 60:
+        print(f"note: gpu-check took {(time.time() - t0) / 60:.1f} min, over its {budget}-minute budget")
     if a.out:  # the step results, then the estimate (when the rates were measured)
         est = estimate_of(results, it)
         extra = [{"step": "estimate", "iteration": dataclasses.asdict(it), "hours": est, "tiny": c.tiny}] if est else []
