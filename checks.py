@@ -69,6 +69,12 @@ def check_flags(s):
         raise FlagError(f"--eta is not used by --loss {s.loss} (its strength is --beta)")
     check_devices(s)
     check_judge(s)
+    if s.report_to == "wandb":
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise FlagError("--report-to wandb: wandb is not installed (pip install wandb; it also runs offline: "
+                            "WANDB_MODE=offline)") from None
 
 
 def check_devices(s):

@@ -57,3 +57,46 @@ def plot_metrics(run_dir, table):
     with files.atomic(run_dir / "metrics.png") as tmp:
         fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
     plt.close(fig)
+
+
+class Tracker:
+    """--report-to: the per-step training metrics and the per-iteration held-out measures, also
+    sent to TensorBoard or W&B (nothing by default). TensorBoard's event files go under
+    runs/<name>/tensorboard, so `tensorboard --logdir runs` shows every run side by side, each
+    named by its folder. Steps count optimizer steps across iterations; a resumed run logs the
+    steps after its last checkpoint again."""
+
+    def __init__(self, kind, run_dir, name, config):
+        self.tb = self.wb = None
+        if kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        elif kind == "wandb":
+            import wandb  # checks.check_flags made sure it imports
+            self.wb = wandb.init(project="sppo", name=name, dir=str(run_dir), config=config, resume="allow", id=name)
+
+    def __call__(self, scalars, step):
+        scalars = {k: v for k, v in scalars.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.tb:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+        if self.wb:
+            self.wb.log(scalars, step=step)
+
+    def close(self):
+        if self.tb:
+            self.tb.close()
+        if self.wb:
+            self.wb.finish()
+
+
+def iteration_scalars(res):
+    """An iteration's eval.json as scalars: each measure's value (its CI half-width as _ci)."""
+    out = {}
+    for k, v in res.items():
+        if isinstance(v, list) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v):
+            out[f"heldout/{k}"], out[f"heldout/{k}_ci"] = v
+        elif isinstance(v, (int, float)) and k != "iter":
+            out[f"heldout/{k}"] = v
+    return out

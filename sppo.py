@@ -110,12 +110,15 @@ class Settings:
     micro_batches: int = opt(1, "GPipe micro-batches per training/scoring batch, so split devices work at once")
     plan: bool = opt(False, "print the memory each device needs for these settings and stop, before loading anything")
     device_mem: float = opt(0.0, "GiB per device for the plan (0 = each CUDA device's total; 24 otherwise)")
+    report_to: str = opt("none", "also send the training metrics to: tensorboard (event files under runs/<name>/tensorboard) "
+                         "or wandb (needs `pip install wandb`; offline with WANDB_MODE=offline)",
+                         choices=["none", "tensorboard", "wandb"])
     merged_dtype: str = opt("auto", "dtype of the merged checkpoints; auto = the base checkpoint's own (bf16 for Llama-3: "
                             "16 GB per iteration, not float32's 32)", choices=["auto", "float32", "bfloat16", "float16"])
 
     # Settings that change no artifact: a run may be resumed with other values.
     HARMLESS = ("name", "runs_dir", "device", "devices", "micro_batches", "plan", "device_mem", "judge_batch",
-                "vllm_memory", "vllm_tp")
+                "vllm_memory", "vllm_tp", "report_to")
 
 
 def parse_args(argv=None):
@@ -168,10 +171,9 @@ def preference_loss(kind, logp_w, logp_l, ref_w, ref_l, p_win, p_lose, p_wl, eta
     average it is: a multiplicative-weights step pi_{t+1}(y) ~ pi_t(y) exp(eta P(y > pi_t)).
     """
     logr_w, logr_l = logp_w - ref_w, logp_l - ref_l
-    if kind == "sppo":
-        return ((logr_w - eta * (p_win - 0.5)) ** 2 + (logr_l - eta * (p_lose - 0.5)) ** 2) / 2
-    if kind == "sppo_single":
-        return ((logr_w - eta * (p_wl - 0.5)) ** 2 + (logr_l + eta * (p_wl - 0.5)) ** 2) / 2
+    if kind in ("sppo", "sppo_single"):
+        target_w, target_l = sppo_targets(kind, p_win, p_lose, p_wl, eta)
+        return ((logr_w - target_w) ** 2 + (logr_l - target_l) ** 2) / 2
     if kind == "dpo":
         return -F.logsigmoid(beta * (logr_w - logr_l))
     if kind == "ipo":
@@ -179,19 +181,31 @@ def preference_loss(kind, logp_w, logp_l, ref_w, ref_l, p_win, p_lose, p_wl, eta
     raise ValueError(f"unknown loss {kind!r}")
 
 
+def sppo_targets(kind, p_win, p_lose, p_wl, eta):
+    """The log-ratios the SPPO square loss pulls chosen and rejected towards."""
+    if kind == "sppo":
+        return eta * (p_win - 0.5), eta * (p_lose - 0.5)
+    return eta * (p_wl - 0.5), -eta * (p_wl - 0.5)  # sppo_single
+
+
 def train_step(score, batch, s, pad_id, dev, amp=None):
     """One micro-batch: policy log-probs of chosen and rejected in one forward, then the loss.
     score(ids, mask) -> log-probs: model.sequence_logps on the policy (or on pipeline.GPipe over
-    it), or under torchrun its DDP wrapper. -> (mean loss, log-ratios of chosen, of rejected)."""
+    it), or under torchrun its DDP wrapper. -> (mean loss, what the log shows: each pair's
+    log-ratios of chosen and rejected, their SPPO targets (None for dpo/ipo), the tokens run)."""
     ids, mask = pair_tensors(batch, s, pad_id, dev)
     with autocast(dev, amp):
         logps = score(ids, mask)
     n = len(batch)
     f = lambda key: torch.tensor([p[key] for p in batch], device=logps.device, dtype=torch.float32)
     ref_w, ref_l = f("ref_chosen_logp"), f("ref_rejected_logp")
-    losses = preference_loss(s.loss, logps[:n], logps[n:], ref_w, ref_l,
-                             f("chosen_probs_win"), f("chosen_probs_lose"), f("chosen_probs"), s.eta, s.beta)
-    return losses.mean(), (logps[:n] - ref_w).detach(), (logps[n:] - ref_l).detach()
+    probs = f("chosen_probs_win"), f("chosen_probs_lose"), f("chosen_probs")
+    losses = preference_loss(s.loss, logps[:n], logps[n:], ref_w, ref_l, *probs, s.eta, s.beta)
+    targets = sppo_targets(s.loss, *probs, s.eta) if s.loss in ("sppo", "sppo_single") else (None, None)
+    seen = {"logr_w": logps[:n] - ref_w, "logr_l": logps[n:] - ref_l, "target_w": targets[0], "target_l": targets[1]}
+    seen = {k: v.detach().tolist() for k, v in seen.items() if v is not None}
+    seen["tokens"] = int((mask.long() * torch.arange(1, mask.shape[1] + 1, device=mask.device)).amax(1).sum())
+    return losses.mean(), seen
 
 
 def autocast(dev, on=None):
@@ -371,8 +385,10 @@ def lora_config(s):
                            targets=tuple(s.lora_targets.split(",")))
 
 
-def train(s, tok, policy_dir, pairs, work_dir, adapter_dir):
-    """LoRA on an NF4 copy of pi_t. Resumes from work_dir/ckpt.pt (written atomically)."""
+def train(s, tok, policy_dir, pairs, work_dir, adapter_dir, track=None, step_offset=0):
+    """LoRA on an NF4 copy of pi_t. Resumes from work_dir/ckpt.pt (written atomically).
+    -> the log, one entry per optimizer step (step_log); each is also given to track(scalars,
+    step_offset + step) (--report-to)."""
     if (adapter_dir / "adapter_config.json").exists():
         return files.read_jsonl(work_dir / "losses.jsonl") if (work_dir / "losses.jsonl").exists() else []
     if not pairs:
@@ -408,17 +424,17 @@ def train(s, tok, policy_dir, pairs, work_dir, adapter_dir):
     bar = tqdm(total=total, initial=step, desc="train", unit="step")
     while step < total:
         micro = order[step * s.grad_accum:(step + 1) * s.grad_accum]
-        loss_sum = 0.0
+        loss_sum, seen, t0 = 0.0, {}, time.perf_counter()
         for mb in micro:
             # Ranks split the micro-batch; each weights its mean loss by its share of the pairs, times W
             # since DDP averages gradients: the sum is the one-process gradient of the whole micro-batch.
             # A rank dealt no pair runs one with weight 0 (DDP needs a backward from every rank).
             mine = mb[parallel.rank()::W]
             share = len(mine) / len(mb)
-            loss, logr_w, logr_l = train_step(score, [pairs[i] for i in mine or mb[:1]], s, tok.pad_id, dev)
-            if step == 0 and mb is micro[0]:  # the policy starts as the reference: 0 up to float rounding
-                print(f"  step 0: mean |log-ratio| {torch.cat([logr_w, logr_l]).abs().mean().item():.2e} (0 when "
-                      f"training scores as the reference was scored)")
+            loss, got = train_step(score, [pairs[i] for i in mine or mb[:1]], s, tok.pad_id, dev)
+            for part in parallel.gather(got if mine else {}):  # every rank's pairs, for the log
+                for k, v in part.items():
+                    seen[k] = seen.get(k, 0 if k == "tokens" else []) + v
             whole = loss.item() * share if W == 1 else sum(parallel.gather(loss.item() * share))
             if not math.isfinite(whole):
                 runs.not_finite(f"loss is {whole}", step, ckpt)
@@ -428,13 +444,18 @@ def train(s, tok, policy_dir, pairs, work_dir, adapter_dir):
         norm = torch.nn.utils.clip_grad_norm_(params, s.clip)
         if not torch.isfinite(norm):
             runs.not_finite(f"gradient norm is {norm.item()}", step, ckpt)
+        lr = sched.get_last_lr()[0]
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        log.append({"step": step, "loss": loss_sum, "lr": sched.get_last_lr()[0]})
+        log.append(step_log(step, loss_sum, lr, norm.item(), seen, time.perf_counter() - t0))
+        if step == 1:  # the policy starts as the reference: exactly 0 where training scores as the reference was scored
+            print(f"  step 0: mean |log-ratio| {log[-1]['abs_logr']:.2e}")
+        if track:
+            track({f"train/{k}": v for k, v in log[-1].items() if k != "step"}, step_offset + step)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum:.4f}")
+        bar.set_postfix(loss=f"{loss_sum:.4g}", margin=f"{log[-1]['margin']:.2f}", acc=f"{log[-1]['accuracy']:.2f}")
         if (step % s.ckpt_every == 0 or step == total) and parallel.is_main():
             files.save_torch(ckpt, {"lora": [p.detach().cpu() for p in params], "opt": opt.state_dict(),
                                     "sched": sched.state_dict(), "step": step, "log": log})
@@ -444,6 +465,22 @@ def train(s, tok, policy_dir, pairs, work_dir, adapter_dir):
         files.write_jsonl(work_dir / "losses.jsonl", log)
         lora.save_adapter(model, lora_config(s), adapter_dir, base_path=str(policy_dir))
     return log
+
+
+def step_log(step, loss, lr, grad_norm, seen, seconds):
+    """One optimizer step as TRL users read it: the loss; the mean log-ratios of chosen and rejected
+    (log pi_theta - log pi_t), their margin and the fraction of pairs where chosen's is the larger
+    ("accuracy"); the mean SPPO targets they are pulled towards; the mean |log-ratio| (0 at the
+    first step: the policy starts as the reference); the gradient norm before clipping, the
+    learning rate used, and tokens per second."""
+    mean = lambda xs: sum(xs) / len(xs)
+    w, l = seen["logr_w"], seen["logr_l"]
+    out = {"step": step, "loss": loss, "logr_chosen": mean(w), "logr_rejected": mean(l),
+           "margin": mean([a - b for a, b in zip(w, l)]), "accuracy": mean([float(a > b) for a, b in zip(w, l)]),
+           "abs_logr": mean([abs(x) for x in w + l]), "grad_norm": grad_norm, "lr": lr, "tokens_per_s": seen["tokens"] / seconds}
+    if "target_w" in seen:
+        out.update(target_chosen=mean(seen["target_w"]), target_rejected=mean(seen["target_l"]))
+    return out
 
 
 # ----------------------------------------------------------------------------- 5. merge
@@ -559,7 +596,8 @@ def run(s):
         if parallel.is_main():
             report.export_alpaca_eval(run_dir / "alpaca_eval" / "model_outputs.json", heldout, base_answers, f"{s.name}_pi0")
         st["summary"] = report.answers_summary(base_answers, "held-out answers")
-    policy, table = base_dir, []
+    policy, table, steps = base_dir, [], 0
+    track = report.Tracker(s.report_to, run_dir, s.name, dataclasses.asdict(s)) if parallel.is_main() else None
     for t in range(s.iters):
         it = run_dir / f"iter{t}"
         it.mkdir(exist_ok=True)
@@ -576,7 +614,8 @@ def run(s):
             st["summary"] = f"{len(pairs)} chosen/rejected pairs with reference log-probs"
         (it / "train").mkdir(exist_ok=True)
         with runs.stage(where, "train") as st:
-            log = train(s, tok, policy, pairs, it / "train", it / "adapter")
+            log = train(s, tok, policy, pairs, it / "train", it / "adapter", track, steps)
+            steps += len(log)
             st["summary"] = f"{len(log)} steps, loss {log[0]['loss']:.4g} -> {log[-1]['loss']:.4g}" if log else "0 steps"
         with runs.stage(where, "merge") as st:
             new = merge(s, policy, it / "adapter", it / "model")
@@ -593,7 +632,10 @@ def run(s):
                 table.append(res)
                 files.write_jsonl(run_dir / "metrics.jsonl", table)
                 report.plot_metrics(run_dir, table)
+                track(report.iteration_scalars(res), t + 1)
         policy = new
+    if track:
+        track.close()
     report.print_table(table, time.time() - t0)
     parallel.finish()
     return table

@@ -11,6 +11,7 @@ sampler, which is replaced by a stand-in that fails the row.
 Rows marked xfail(strict=True) are checks that belong in the start-up of sppo.run and are not
 made yet; they turn into passes (and strict xfail into a failure, to be unmarked) once they are.
 """
+import importlib.util
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -298,6 +299,8 @@ ROWS = [
         flags={"judge": "pairrm", "pairrm-dir": "/nonexistent/PairRM"}),
     Bad("flag_pairrm_backbone_under_llama", "flag", None, "contains 'llama'; llm-blender would treat it as",
         flags={"judge": "pairrm", "pairrm-dir": "/", "pairrm-backbone": "/models/llama-stuff/deberta"}),
+    Bad("flag_report_to_wandb_without_wandb", "flag", None, "--report-to wandb: wandb is not installed (pip install wandb",
+        flags={"report-to": "wandb"}, xfail="" if importlib.util.find_spec("wandb") is None else "wandb is installed here"),
     Bad("flag_judge_llm_without_model", "flag", None, "--judge llm needs --judge-model", flags={"judge": "llm"}),
     Bad("flag_judge_model_not_a_model", "flag", None, "--judge-model /: no config.json there",
         flags={"judge": "llm", "judge-model": "/"}),

@@ -1,6 +1,7 @@
 """Split over devices and GPipe micro-batches: same numbers as one device, one batch."""
 import functools
 import itertools
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,10 @@ from tiny import make_tiny_chat_model
 
 ROOT = Path(__file__).resolve().parents[1]
 # The split checks run on `cpu,cpu,...` here, and on `cuda:0,cuda:0,...` too where a GPU exists.
-DEVICES = ["cpu"] + (["cuda:0"] if torch.cuda.is_available() else [])
+# SPPO_TEST_DEVICES replaces that list (entries split by `;`, each a --devices value whose
+# devices the stages take in turn): `make gpu-check` asks for "cuda:0;cuda:1;cuda:0,cuda:1".
+DEVICES = (os.environ["SPPO_TEST_DEVICES"].split(";") if os.environ.get("SPPO_TEST_DEVICES")
+           else ["cpu"] + (["cuda:0"] if torch.cuda.is_available() else []))
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +29,13 @@ def tiny(tmp_path_factory):
     return make_tiny_chat_model(tmp_path_factory.mktemp("tiny") / "m", layers=5, hidden=64)
 
 
+def first(dev):
+    return dev.split(",")[0]
+
+
 def split_model(path, bounds, quantized=False, dev="cpu"):
-    devices = [dev] * (len(bounds) - 1)
+    cards = dev.split(",")
+    devices = [cards[s % len(cards)] for s in range(len(bounds) - 1)]
     where = pipeline.device_map(bounds, devices)
     m = quant.quantize_model(path, device=where) if quantized else M.load_model(path, device=where)
     m.stage_bounds = bounds
@@ -45,15 +54,15 @@ def batch(vocab, B=6, T=20, seed=0):
 @pytest.mark.parametrize("dev", DEVICES)
 @pytest.mark.parametrize("bounds,chunks", [([0, 2, 5], 1), ([0, 2, 5], 3), ([0, 1, 3, 5], 4)])
 def test_split_hidden_states_and_logits_match_one_device(tiny, bounds, chunks, dev):
-    whole = M.load_model(tiny, device=dev)
+    whole = M.load_model(tiny, device=first(dev))
     split = split_model(tiny, bounds, dev=dev)
     ids, _ = batch(whole.cfg.vocab_size)
-    ids = ids.to(dev)
+    ids = ids.to(first(dev))
     with torch.no_grad():
         ref = whole(ids)
         h = pipeline.GPipe(split, chunks)(ids)
-        assert (split.lm_head(h) - ref).abs().max() <= 1e-5
-        assert (split(ids) - ref).abs().max() <= 1e-5
+        assert (split.lm_head(h).to(ref.device) - ref).abs().max() <= 1e-5
+        assert (split(ids).to(ref.device) - ref).abs().max() <= 1e-5
 
 
 def test_gpipe_clock_order(tiny, monkeypatch):
@@ -86,7 +95,7 @@ def grads_and_loss(model, pairs, s, dev="cpu"):
     for p in lora.lora_params(model).values():
         p.grad = None
     score = functools.partial(M.sequence_logps, pipeline.micro_batched(model, s.micro_batches))
-    loss, _, _ = sppo.train_step(score, pairs, s, 0, torch.device(dev), amp=False)
+    loss, _, _ = sppo.train_step(score, pairs, s, 0, torch.device(first(dev)), amp=False)
     loss.backward()
     return loss.item(), {k: v.grad.clone() for k, v in lora.lora_params(model).items()}
 
@@ -113,19 +122,20 @@ def make_pairs(vocab, n=6):
 @pytest.mark.parametrize("bounds,chunks", [([0, 2, 5], 1), ([0, 2, 5], 2), ([0, 1, 3, 5], 4), ([0, 5], 3)])
 def test_split_and_micro_batched_loss_and_lora_grads_match_full_batch(tiny, bounds, chunks, dev):
     s = sppo.Settings(eta=5.0, max_len=64, max_prompt_len=32)
-    ref_loss, ref_grads = grads_and_loss(lora_model(tiny, [0, 5], dev), make_pairs(300), s, dev)
+    ref_loss, ref_grads = grads_and_loss(lora_model(tiny, [0, 5], first(dev)), make_pairs(300), s, dev)
     s.micro_batches = chunks
     loss, grads = grads_and_loss(lora_model(tiny, bounds, dev), make_pairs(300), s, dev)
     assert abs(loss - ref_loss) <= 1e-5 * max(1.0, abs(ref_loss))
     assert grads.keys() == ref_grads.keys() and len(grads) == 5 * 7 * 2
     for k in grads:
         assert grads[k].abs().max() > 0, k
-        assert (grads[k] - ref_grads[k]).abs().max() <= 1e-5 * max(1.0, ref_grads[k].abs().max().item()), k
+        assert (grads[k].to(ref_grads[k].device) - ref_grads[k]).abs().max() <= \
+            1e-5 * max(1.0, ref_grads[k].abs().max().item()), k
 
 
 @pytest.mark.parametrize("dev", DEVICES)
 def test_split_greedy_generation_matches_one_device(tiny, dev):
-    whole, split = M.load_model(tiny, device=dev), split_model(tiny, [0, 3, 5], dev=dev)
+    whole, split = M.load_model(tiny, device=first(dev)), split_model(tiny, [0, 3, 5], dev=dev)
     prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16]]
     assert M.generate(split, prompts, 12, temperature=0.0) == M.generate(whole, prompts, 12, temperature=0.0)
 

@@ -1,0 +1,665 @@
+"""gpu_check.py: `make gpu-check`, a preflight for real hardware that takes minutes, not hours.
+
+Before a run of many hours, prove that this machine's cards do every part of it, and measure
+what it will cost. Each step runs in its own process, so one failure cannot hide the others and
+every step starts with empty cards; it reports one `GPUCHECK {json}` line, and the summary at
+the end is built from those lines:
+
+  env       torch and CUDA versions, each card and its free memory, bitsandbytes' 4-bit kernels
+            on each card (a matmul and its input gradient against the dequantized weight), and
+            whether vLLM imports
+  tests     tests/test_pipeline.py's split / gradient / generation checks on each card and on a
+            split over two cards (cuda:0,cuda:0 with one card)
+  train     a random Llama-3-8B-shaped NF4 + LoRA model, split as the plan says, trained a few
+            steps at the walkthrough's settings (pipeline.check): peak memory per card against
+            the plan, training and reference-scoring tokens/s
+  sample    the same shapes in bf16, as the sampler holds them: tokens/s at batch 1 and 16,
+            peak memory per card against the plan
+  e2e       one tiny SPPO iteration through sppo.py on the cards, every stage
+  e2e-vllm  the same with --backend vllm (skipped when vLLM does not import)
+
+A card whose measured peak is more than 10% above the plan fails its step: the plan is what
+`--plan` promises before a long run. From the measured rates it estimates the hours of one
+iteration at the paper's scale (20k prompts, K=5, up to 512 new tokens, 3 epochs).
+
+    python gpu_check.py                          # what `make gpu-check` runs; exit 1 if a step failed
+    python gpu_check.py --out gpu_check.jsonl    # also keep the step results (for BENCHMARKS.md)
+    python gpu_check.py --device cpu             # the same steps on CPU with tiny shapes (the tests)
+
+Without CUDA there is nothing to check: one line, exit status 0 (CI stays green).
+
+What it calls in the rest of the project: sppo.parse_args, main; pipeline.workload, plan,
+print_plan, check, device_map, micro_batched, random_tensors, CONTEXT; model.Config, LLAMA3_8B,
+create, load_state, sequence_logps, generate, Attention; quant.NF4Linear; tests/tiny.py's
+make_tiny_chat_model and the device tests of tests/test_pipeline.py and tests/test_devices.py
+(DEVICE_TESTS).
+
+What it shows that only a GPU can (issue 16): bitsandbytes' CUDA kernels; masked attention
+running on SDPA's memory-efficient kernel (env); LoRA's initial adapter equal for any split over
+two cards (tests); the two cards overlapping in GPipe's forward (train: scoring with 2
+micro-batches against 1); a training run killed after its first checkpoint resuming on the
+split (e2e), and its step-0 mean |log-ratio|; vLLM starting after the parent used the cards
+(e2e-vllm: it samples again after training).
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+GiB = 2 ** 30
+TAG = "GPUCHECK "      # a step's result line starts with this
+SLACK = 0.10           # a measured peak may exceed the plan by this fraction
+
+# README's walkthrough (Llama-3-8B-Instruct on two RTX 4090s), as sppo.py flags; --device cpu
+# and --tiny use the small version.
+WALKTHROUGH = ("--grad-ckpt --batch-size 4 --grad-accum 2 --micro-batches 2 --max-new-tokens 512 --max-len 1024 "
+               "--max-prompt-len 512 --gen-batch 16 --eval-batch 16").split()
+TINY_FLAGS = ("--grad-ckpt --batch-size 2 --micro-batches 2 --max-new-tokens 12 --max-len 48 --max-prompt-len 24 "
+              "--gen-batch 4 --eval-batch 4 --lora-r 4").split()
+TINY_SHAPES = dict(vocab_size=512, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128)
+
+
+@dataclass
+class Check:
+    """What the steps run on; the parent sends it to each step's process as JSON."""
+    cards: list            # every card to test, e.g. ["cuda:0", "cuda:1"]; ["cpu"] with --device cpu
+    split: str             # the pipeline of the shape steps and the e2e run, e.g. "cuda:0,cuda:1"
+    tiny: bool = False     # small shapes instead of Llama-3-8B's (the CPU run of the tests)
+    tests_filter: str = ""    # pytest -k for the tests step (the CPU run of the tests picks one test)
+    batch1_tokens: int = 128  # new tokens timed at batch 1 (batch 16 runs the walkthrough's 512)
+
+    @property
+    def cuda(self):
+        return self.cards[0].startswith("cuda")
+
+
+@dataclass
+class Iteration:
+    """One SPPO iteration at the paper's scale, for the hours estimate."""
+    prompts: int = 20_000
+    k: int = 5
+    new_tokens: int = 512   # --max-new-tokens
+    seq_len: int = 1024     # --max-len: prompt + response in scoring and training
+    epochs: int = 3
+
+
+# ----------------------------------------------------------------------------- the project
+# The calls into sppo.py and the tests that need glue; the steps call the rest directly.
+
+def settings(flags, devices):
+    import sppo
+    return sppo.parse_args(flags + ["--devices", devices])
+
+
+def workload(s):
+    import pipeline
+    import torch
+    return pipeline.workload(s, torch.finfo(pipeline.compute_dtype(pipeline.device_of(s))).bits // 8)
+
+
+def llama3_8b_or_tiny(tiny):
+    import model as M
+    return M.Config(**TINY_SHAPES) if tiny else M.LLAMA3_8B
+
+
+def run_sppo(argv):
+    """sppo.py's command line in this process; returns its table of iterations."""
+    import sppo
+    return sppo.main(argv)
+
+
+def make_tiny_model(path, hidden):
+    sys.path.insert(0, str(HERE / "tests"))
+    from tiny import make_tiny_chat_model
+    return make_tiny_chat_model(path, layers=2, hidden=hidden)
+
+
+DEVICE_TESTS = ["tests/test_pipeline.py::test_split_hidden_states_and_logits_match_one_device",
+                "tests/test_pipeline.py::test_split_and_micro_batched_loss_and_lora_grads_match_full_batch",
+                "tests/test_pipeline.py::test_split_greedy_generation_matches_one_device",
+                "tests/test_devices.py::test_lora_a_is_drawn_on_the_cpu_so_the_adapter_does_not_depend_on_the_split"]
+
+
+# ----------------------------------------------------------------------------- memory per card
+
+def within_plan(planned, measured, slack=SLACK):
+    """The rule: a measured peak may exceed the plan by at most `slack` (None: not measured)."""
+    return measured is None or measured <= planned * (1 + slack)
+
+
+def planned_by_card(rows, phase):
+    """The plan's rows (one per stage) as {card: (layers, planned bytes)}: `cuda:0,cuda:0` puts
+    two stages on one card, which holds both stages' bytes but pays the CUDA context once."""
+    import pipeline
+    out = {}
+    for r in rows:
+        if r["device"] in out:
+            layers, planned = out[r["device"]]
+            context = pipeline.CONTEXT if r["device"].startswith("cuda") else 0
+            out[r["device"]] = (f"{layers}+{r['layers']}", planned + r[phase] - context)
+        else:
+            out[r["device"]] = (r["layers"], r[phase])
+    return out
+
+
+class CardMemory:
+    """Each card's peak as the plan counts it: what is on the card outside PyTorch's allocator
+    (the CUDA context, cuBLAS, any other process: the plan assumes the card is ours alone) plus
+    the allocator's peak reservation (reserved, not allocated: fragmentation is real memory)."""
+
+    def __init__(self, cards):
+        import torch
+        self.cards = [c for c in dict.fromkeys(cards) if c.startswith("cuda")]
+        self.outside = {}
+        for c in self.cards:
+            torch.zeros(1, device=c)  # creates the context
+            self.note_outside(c)
+
+    def note_outside(self, c):
+        import torch
+        free, total = torch.cuda.mem_get_info(c)
+        self.outside[c] = max(self.outside.get(c, 0), total - free - torch.cuda.memory_reserved(c))
+
+    def reset(self):
+        import torch
+        for c in self.cards:
+            torch.cuda.synchronize(c)
+            torch.cuda.reset_peak_memory_stats(c)
+
+    def rows(self, plan_rows, phase):
+        """One row per card: layers, planned and measured bytes (measured None on CPU)."""
+        import torch
+        out = []
+        for card, (layers, planned) in planned_by_card(plan_rows, phase).items():
+            measured = allocated = None
+            if card in self.cards:
+                torch.cuda.synchronize(card)
+                self.note_outside(card)  # lazily loaded kernels and handles grow it
+                measured = self.outside[card] + torch.cuda.max_memory_reserved(card)
+                allocated = torch.cuda.max_memory_allocated(card)
+            out.append({"device": card, "phase": phase, "layers": layers, "planned": planned, "measured": measured,
+                        "allocated": allocated})
+        return out
+
+
+# ----------------------------------------------------------------------------- the steps (each in its own process)
+
+def step_env(c: Check):
+    """Versions, cards, bitsandbytes' kernels on each card, vLLM."""
+    import torch
+    out = {"torch": torch.__version__, "cuda": torch.version.cuda, "cards": [], "ok": True}
+    import bitsandbytes
+    out["bitsandbytes"] = bitsandbytes.__version__
+    for d in c.cards:
+        card = {"device": d}
+        if d.startswith("cuda"):
+            free, total = torch.cuda.mem_get_info(d)
+            p = torch.cuda.get_device_properties(d)
+            card.update(name=p.name, free=free, total=total, capability=f"{p.major}.{p.minor}")
+        card["nf4_error"] = nf4_matmul_error(d)
+        card["nf4_ok"] = all(e <= 2e-2 for e in card["nf4_error"].values())
+        card["sdpa"] = masked_attention_kernel(d)
+        out["ok"] &= card["nf4_ok"] and card["sdpa"] in ("memory-efficient", "n/a on CPU")
+        out["cards"].append(card)
+    out["vllm"] = vllm_version()
+    names = ", ".join(f"{x['device']} {x.get('name', '')} {x['free'] / GiB:.1f}/{x['total'] / GiB:.1f} GiB free"
+                      if "free" in x else x["device"] for x in out["cards"])
+    worst = max(e for x in out["cards"] for e in x["nf4_error"].values())
+    out["summary"] = (f"torch {out['torch']}, CUDA {out['cuda']}; {names}; bitsandbytes {out['bitsandbytes']} 4-bit "
+                      f"matmul {'ok' if all(x['nf4_ok'] for x in out['cards']) else 'WRONG'} (max rel. error {worst:.1e}); "
+                      f"masked attention kernel: {out['cards'][0]['sdpa']}; vLLM {out['vllm'] or 'not importable'}")
+    return out
+
+
+def masked_attention_kernel(dev):
+    """Which fast SDPA kernel our attention gets in generation (a mask, GQA): with only the
+    memory-efficient kernel allowed it must still run (issue 16: SDPA's own GQA with a mask
+    would leave it only the slow math kernel, in float32)."""
+    import torch
+    import model as M
+    if not dev.startswith("cuda"):
+        return "n/a on CPU"
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    cfg = M.Config(dim=1024, n_heads=8, n_kv_heads=2, head_dim=128)
+    attn = M.Attention(cfg)
+    q = torch.randn(4, 8, 1, 128, device=dev, dtype=torch.bfloat16)
+    k, v = (torch.randn(4, 2, 300, 128, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    mask = torch.ones(4, 1, 1, 300, dtype=torch.bool, device=dev)
+    mask[1:, ..., :7] = False  # left padding
+    try:
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+            attn.attend(q, k, v, mask)
+        return "memory-efficient"
+    except RuntimeError as e:
+        return f"NOT the memory-efficient one ({str(e).splitlines()[0][:120]})"
+
+
+def nf4_matmul_error(dev):
+    """Relative errors of the project's NF4 linear (bitsandbytes' quantize_4bit and matmul_4bit)
+    against a plain matmul with the dequantized weight: a batch with the input gradient (training's
+    path) and one row without (bitsandbytes' separate single-token kernel)."""
+    import torch
+    import quant
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if dev.startswith("cuda") else torch.float32
+    lin = quant.NF4Linear(torch.randn(512, 1024, device=dev, dtype=dtype) * 0.02, dtype)
+    w = lin.dequantize().to(dtype)
+    rel = lambda a, b: ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+    x = torch.randn(16, 1024, device=dev, dtype=dtype, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    g = torch.randn(16, 512, device=dev, dtype=dtype)
+    y, y2 = lin(x), x2 @ w.t()
+    (y * g).sum().backward()
+    (y2 * g).sum().backward()
+    with torch.no_grad():
+        one = rel(lin(x[:1].detach()), x2[:1].detach() @ w.t())
+    return {"batch": rel(y, y2), "input_grad": rel(x.grad, x2.grad), "one_row": one}
+
+
+def vllm_python():
+    return os.environ.get("SPPO_VLLM_PYTHON", sys.executable)
+
+
+def vllm_version():
+    """vLLM's version in the Python the sampler would use (vllm_backend.py), or None."""
+    try:
+        r = subprocess.run([vllm_python(), "-c", "import vllm; print(vllm.__version__)"], capture_output=True,
+                           text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return r.stdout.strip().splitlines()[-1] if r.returncode == 0 and r.stdout.strip() else None
+
+
+def step_tests(c: Check):
+    """The device-parametrized tests on every card and on a split over two (test_pipeline.DEVICES):
+    cuda:0,cuda:1, or cuda:0,cuda:0 with one card, so activations and gradients cross a stage
+    boundary on the GPU either way."""
+    two = ",".join(c.cards[:2] if len(c.cards) > 1 else c.cards * 2)
+    entries = list(dict.fromkeys(c.cards + [two]))
+    env = dict(os.environ, SPPO_TEST_DEVICES=";".join(entries))
+    pick = ["-k", c.tests_filter] if c.tests_filter else []
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pick, *DEVICE_TESTS],
+                       cwd=HERE, env=env, capture_output=True, text=True)
+    print(r.stdout[-6000:] + r.stderr[-2000:])
+    last = (r.stdout.strip().splitlines() or ["no output"])[-1].strip("= ")
+    return {"ok": r.returncode == 0, "devices": entries, "summary": f"{last} on {'; '.join(entries)}"}
+
+
+def shape_setup(c: Check):
+    """The walkthrough's settings on the split, and the model's shapes."""
+    s = settings(TINY_FLAGS if c.tiny else WALKTHROUGH, c.split)
+    return s, llama3_8b_or_tiny(c.tiny), c.split.split(",")
+
+
+def step_train(c: Check):
+    """pipeline.check at the walkthrough's settings, then reference scoring on the same model."""
+    import torch
+    import model as M
+    import pipeline
+    s, cfg, devices = shape_setup(c)
+    mem = CardMemory(devices)
+    w = workload(s)
+    if not pipeline.print_plan(pipeline.plan(cfg, devices, w)[1]):
+        return {"ok": False, "summary": "the plan says training does not fit these cards"}
+    # pipeline.check plans, builds the random NF4 + LoRA model on the split, resets the peaks
+    # (weights included: they are allocated) and trains; it prints its own table too.
+    rows, train_tok_s, m = pipeline.check(cfg, devices, w, s.micro_batches, steps=2 if c.tiny else 3)
+    memory = mem.rows(rows, "train")
+    # Reference scoring (make_pairs' stage): the same forward without gradients.
+    ids = torch.randint(0, cfg.vocab_size, (w.train_seqs, w.seq_len), device=devices[0])
+    resp = torch.zeros_like(ids, dtype=torch.bool)
+    resp[:, w.seq_len - w.resp_len:] = True
+    def score_rate(chunks):
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=c.cuda):
+                M.sequence_logps(pipeline.micro_batched(m, chunks), ids, resp)
+            sync(devices)
+            times.append(time.perf_counter() - t)
+        return w.train_seqs * w.seq_len / min(times[1:])
+
+    score_tok_s = score_rate(s.micro_batches)
+    # GPipe's overlap: split over two cards, micro-batches let both work at once
+    overlap = score_tok_s / score_rate(1) if len(set(devices)) > 1 and s.micro_batches > 1 else None
+    return {"ok": True, "memory": memory, "rates": {"train_tok_s": train_tok_s, "score_tok_s": score_tok_s},
+            "bounds": m.stage_bounds, "gpipe_overlap": overlap,
+            "shape": f"{w.train_seqs} sequences x {w.seq_len}, {s.micro_batches} micro-batches"
+            f"{', grad-ckpt' if w.grad_ckpt else ''}",
+            "summary": f"training {train_tok_s:,.0f} tokens/s, reference scoring {score_tok_s:,.0f} tokens/s "
+                       f"({w.train_seqs} sequences x {w.seq_len}, layers {m.stage_bounds})"
+                       + (f"; {s.micro_batches} micro-batches score {overlap:.2f}x as fast as 1 (GPipe overlap)"
+                          if overlap else "")}
+
+
+def random_bf16_model(cfg, devices, bounds, dtype, seed=0):
+    """The sampler's model: pipeline.random_model's shapes, weights and placement, left in the
+    compute dtype, no LoRA (sampling loads pi_t in bf16, pipeline.load)."""
+    import torch
+    import model as M
+    import pipeline
+    where = pipeline.device_map(bounds, devices)
+    with torch.device("meta"):
+        m = M.create(cfg)
+    M.load_state(m, None, dtype, where, tensors=pipeline.random_tensors(cfg, dtype, where, seed))
+    m.stage_bounds = bounds
+    return m.eval()
+
+
+def step_sample(c: Check):
+    """Sampling as sppo.sample does it (temperature 0.7, top-p 0.9, no early stop), at batch 1
+    and at the walkthrough's --gen-batch with its full prompt and answer lengths."""
+    import torch
+    import model as M
+    import pipeline
+    s, cfg, devices = shape_setup(c)
+    mem = CardMemory(devices)
+    w = workload(s)
+    bounds, rows = pipeline.plan(cfg, devices, w)
+    if not pipeline.print_plan(rows):
+        return {"ok": False, "summary": "the plan says sampling does not fit these cards"}
+    m = random_bf16_model(cfg, devices, bounds, torch.bfloat16 if c.cuda else torch.float32)
+    g = torch.Generator().manual_seed(0)
+    prompts = lambda n: torch.randint(3, cfg.vocab_size, (n, s.max_prompt_len), generator=g).tolist()
+
+    def rate(n, new):
+        t = time.perf_counter()
+        out = M.generate(m, prompts(n), new, s.temperature, s.top_p, s.top_k, stop_ids=(), seed=0)
+        sync(devices)
+        if sum(map(len, out)) != n * new:
+            raise RuntimeError(f"the sampler stopped early: {sum(map(len, out))} of {n} x {new} tokens")
+        return n * new / (time.perf_counter() - t)
+
+    rate(2, 4)  # warm-up: kernels load, the allocator grows
+    mem.reset()
+    batch = max(s.gen_batch, s.eval_batch)
+    big = rate(batch, s.max_new_tokens)
+    memory = mem.rows(rows, "sample")
+    one = rate(1, min(c.batch1_tokens, s.max_new_tokens))
+    return {"ok": True, "memory": memory, "rates": {"sample_tok_s_1": one, "sample_tok_s_batch": big}, "gen_batch": batch,
+            "summary": f"{one:,.1f} tokens/s at batch 1, {big:,.0f} at batch {batch} "
+                       f"(prompts of {s.max_prompt_len} tokens, {s.max_new_tokens} new, layers {bounds})"}
+
+
+def sync(devices):
+    import torch
+    for d in dict.fromkeys(devices):
+        if d.startswith("cuda"):
+            torch.cuda.synchronize(d)
+
+
+def e2e(c: Check, vllm=False):
+    """One tiny iteration through sppo.py: sample, judge, pairs, train, merge, evaluate."""
+    if vllm and not vllm_version():
+        return {"ok": None, "summary": f"skipped: vLLM does not import in {vllm_python()}"}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        # vLLM's attention kernels take no heads smaller than 64 (hidden 256, 4 heads)
+        make_tiny_model(tmp / "model", hidden=256 if vllm else 64)
+        # Checks a random model's answers meet about half the time, so the K answers rarely tie
+        # and there are pairs to train on.
+        checks = [{"type": "max_chars", "n": 30}, {"type": "no_commas"}, {"type": "include_word", "word": "the"}]
+        for name, n in (("train", 6), ("heldout", 4)):
+            rows = [{"id": f"{name}{i}", "prompt": f"say something short number {i} please", "checks": checks}
+                    for i in range(n)]
+            (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        argv = ["--model", str(tmp / "model"), "--prompts", str(tmp / "train.jsonl"), "--heldout",
+                str(tmp / "heldout.jsonl"), "--runs-dir", str(tmp / "runs"), "--name", "e2e", "--iters", "1",
+                "--prompts-per-iter", "6", "--eval-prompts", "4", "--k", "3", "--max-new-tokens", "12",
+                "--gen-batch", "6", "--eval-batch", "4", "--batch-size", "2", "--epochs", "1", "--lora-r", "4",
+                "--lr", "1e-3", "--eta", "2", "--judge-batch", "4", "--merged-dtype", "bfloat16", "--ckpt-every", "1"]
+        if vllm:
+            argv += ["--backend", "vllm", "--device", c.cards[0], "--vllm-memory", "0.3"]
+        else:
+            argv += ["--devices", c.split, "--micro-batches", "2"]
+        t = time.time()
+        if not vllm:  # killed right after training's first checkpoint, then resumed below, on the same split
+            killed = subprocess.run([sys.executable, str(HERE / "sppo.py"), *argv], cwd=HERE,
+                                    env=dict(os.environ, SPPO_KILL_AT="train:1"), capture_output=True, text=True)
+            if killed.returncode != -signal.SIGKILL:
+                return {"ok": False, "summary": f"the run to be killed in training ended with {killed.returncode}: "
+                                                f"{(killed.stderr.strip().splitlines() or [''])[-1][:200]}"}
+        try:
+            table = run_sppo(argv)
+        except SystemExit as e:  # sppo's one-line errors end in exit status 2
+            return {"ok": False, "summary": f"sppo.py stopped with exit status {e.code}"}
+        run = tmp / "runs" / "e2e"
+        missing = [f for f in ("eval_base.jsonl", "metrics.jsonl", "iter0/pairs.jsonl", "iter0/adapter",
+                               "iter0/model/config.json", "iter0/eval.json") if not (run / f).exists()]
+        if missing or len(table) != 1:
+            return {"ok": False, "summary": f"the run left no {', '.join(missing) or 'metrics row'}"}
+        if not math.isfinite(table[0]["train_loss"]):
+            return {"ok": False, "summary": "no training step ran: the judge tied every prompt's answers"}
+        wr, ci = table[0]["win_rate"]
+        first = json.loads((run / "iter0" / "train" / "losses.jsonl").read_text().splitlines()[0])
+        return {"ok": True, "summary": f"1 iteration, every stage, in {time.time() - t:.0f} s "
+                                       f"({'vLLM sampler' if vllm else 'devices ' + c.split + ', killed in training and resumed'}); "
+                                       f"win rate {wr:.2f}, loss {table[0]['train_loss']:.3g}, step-0 mean |log-ratio| "
+                                       f"{first.get('abs_logr', float('nan')):.1e}"}
+
+
+STEPS = {"env": step_env, "tests": step_tests, "train": step_train, "sample": step_sample,
+         "e2e": e2e, "e2e-vllm": lambda c: e2e(c, vllm=True)}
+# Generous ceilings per step (seconds); the budget of the whole check is 10 min on one card.
+TIMEOUTS = {"env": 300, "tests": 420, "train": 420, "sample": 420, "e2e": 420, "e2e-vllm": 600}
+
+
+def child(name, c: Check):
+    """Run one step in this process and print its result line; errors become a failed result."""
+    t = time.time()
+    try:
+        res = STEPS[name](c)
+    except Exception as e:  # noqa: BLE001 - every failure must reach the summary, as one line
+        import traceback
+        traceback.print_exc()
+        res = {"ok": False, "summary": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
+    res.update(step=name, seconds=round(time.time() - t, 1))
+    print(TAG + json.dumps(res), flush=True)
+
+
+# ----------------------------------------------------------------------------- the parent
+
+def run_step(name, c: Check, log=print):
+    """One step in a fresh process, its output shown as it comes, its result line parsed."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--step", name, "--check", json.dumps(dataclasses.asdict(c))]
+    log(f"== {name}")
+    t = time.time()
+    # Its own process group, so a timeout also ends what it started (pytest, vLLM's workers),
+    # which would otherwise keep the output pipe open.
+    p = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True)
+    timer = threading.Timer(TIMEOUTS[name], lambda: os.killpg(p.pid, signal.SIGKILL))
+    timer.start()
+    lines = []
+    for line in p.stdout:
+        lines.append(line)
+        if not line.startswith(TAG):
+            log("   " + line.rstrip())
+    rc = p.wait()
+    timed_out = not timer.is_alive()
+    timer.cancel()
+    res = parse_result(name, rc, "".join(lines))
+    if timed_out:
+        res.update(ok=False, summary=f"timed out after {TIMEOUTS[name]} s")
+    res.setdefault("seconds", round(time.time() - t, 1))
+    return res
+
+
+def parse_result(name, rc, output):
+    """A step's result from its process's output: its last result line, or a failure that says
+    how the process ended (a crash, a kill by the OOM killer, a segfault in a kernel)."""
+    found = [ln[len(TAG):] for ln in output.splitlines() if ln.startswith(TAG)]
+    if found:
+        res = json.loads(found[-1])
+        if rc != 0 and res.get("ok"):
+            res.update(ok=False, summary=f"exit status {rc} after: {res.get('summary', '')}")
+        return res
+    tail = [ln for ln in output.splitlines() if ln.strip()][-1:] or ["no output"]
+    return {"step": name, "ok": False, "summary": f"exit status {rc} without a result: {tail[0].strip()[:200]}"}
+
+
+def verdict(res):
+    """pass, FAIL or skipped: a step passes when it ran and no card went over its plan."""
+    if res.get("ok") is None:
+        return "skipped"
+    over = [r for r in res.get("memory", []) if not within_plan(r["planned"], r["measured"])]
+    return "pass" if res["ok"] and not over else "FAIL"
+
+
+def gib(n):
+    return "n/a" if n is None else f"{n / GiB:.2f} GiB"
+
+
+def summary_table(results):
+    lines = ["| step | result | time | key numbers |", "|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['step']} | {verdict(r)} | {r.get('seconds', 0):.0f} s | {r.get('summary', '')} |")
+    return "\n".join(lines)
+
+
+def memory_table(results):
+    rows = [m for r in results for m in r.get("memory", [])]
+    if not rows:
+        return ""
+    lines = ["| card | phase | layers | planned peak | measured peak | measured / planned | within plan + 10% |",
+             "|---|---|---|---|---|---|---|"]
+    for m in rows:
+        ratio = "n/a" if m["measured"] is None else f"{m['measured'] / m['planned']:.2f}"
+        ok = "n/a (CPU)" if m["measured"] is None else ("yes" if within_plan(m["planned"], m["measured"]) else "NO")
+        lines.append(f"| {m['device']} | {m['phase']} | {m['layers']} | {gib(m['planned'])} | {gib(m['measured'])} "
+                     f"| {ratio} | {ok} |")
+    return "\n".join(lines)
+
+
+def over_plan_messages(results):
+    return [f"FAIL: {m['device']} {m['phase']} peak {gib(m['measured'])} is {m['measured'] / m['planned'] - 1:.0%} "
+            f"above the plan's {gib(m['planned'])}: `--plan` underestimates this card, and a long run at these "
+            f"settings may run out of memory (please report this table)"
+            for r in results for m in r.get("memory", []) if not within_plan(m["planned"], m["measured"])]
+
+
+def estimate_hours(it: Iteration, sample_tok_s, score_tok_s, train_tok_s):
+    """Hours per stage of one iteration from the measured rates. Upper bounds: every response
+    runs to it.new_tokens (a batch samples until its last row stops) and every scored or trained
+    sequence is it.seq_len long. Judging, merging and evaluation are not included."""
+    gen_tokens = it.prompts * it.k * it.new_tokens
+    seq_tokens = it.prompts * 2 * it.seq_len  # chosen and rejected of one pair per prompt
+    stages = {"generate": (gen_tokens, sample_tok_s), "pairs": (seq_tokens, score_tok_s),
+              "train": (it.epochs * seq_tokens, train_tok_s)}
+    out = {k: {"tokens": n, "tok_s": r, "hours": n / r / 3600} for k, (n, r) in stages.items()}
+    out["total"] = {"hours": sum(v["hours"] for v in out.values())}
+    return out
+
+
+def rates_of(results):
+    rates = {}
+    for r in results:
+        rates.update(r.get("rates", {}))
+    return rates
+
+
+def estimate_of(results, it: Iteration):
+    """estimate_hours from the rates the train and sample steps measured; None without them."""
+    rates = rates_of(results)
+    need = ("sample_tok_s_batch", "score_tok_s", "train_tok_s")
+    return estimate_hours(it, *(rates[k] for k in need)) if all(rates.get(k) for k in need) else None
+
+
+def estimate_table(results, it: Iteration, tiny=False):
+    est = estimate_of(results, it)
+    if est is None:
+        return ""
+    work = {"generate": f"{it.prompts:,} prompts x K={it.k} x {it.new_tokens} new tokens",
+            "pairs": f"reference log-probs of {2 * it.prompts:,} sequences x {it.seq_len}",
+            "train": f"{it.epochs} epochs x {2 * it.prompts:,} sequences x {it.seq_len}"}
+    lines = [f"Estimated hours of one iteration ({it.prompts:,} prompts, K={it.k}, up to {it.new_tokens} new tokens, "
+             f"{it.epochs} epochs; upper bounds: every response at {it.new_tokens} tokens, every sequence at "
+             f"{it.seq_len}; judging, merging and evaluation not included):", "",
+             "| stage | work | measured rate | hours |", "|---|---|---|---|"]
+    if tiny:
+        lines[0] = "(tiny shapes: these rates are not the real model's) " + lines[0]
+    for k in ("generate", "pairs", "train"):
+        lines.append(f"| {k} | {work[k]} | {est[k]['tok_s']:,.0f} tokens/s | {est[k]['hours']:.1f} |")
+    lines.append(f"| total | | | {est['total']['hours']:.1f} |")
+    return "\n".join(lines)
+
+
+def report(results, it: Iteration, header="", tiny=False):
+    parts = [header, summary_table(results), memory_table(results), estimate_table(results, it, tiny),
+             "\n".join(over_plan_messages(results))]
+    return "\n\n".join(p for p in parts if p)
+
+
+def find_check(device, devices, tiny):
+    """The cards to check, or None when there are none (no CUDA and no --device cpu)."""
+    import torch
+    if device == "cpu":
+        return Check(cards=["cpu"], split=devices or "cpu,cpu", tiny=True)
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n == 0:
+        return None
+    cards = [f"cuda:{i}" for i in range(n)]
+    # Two cards are the walkthrough's split; one card runs the shape steps on itself alone, as
+    # the plan would place a run there (the split tests still use cuda:0,cuda:0).
+    split = devices or (",".join(cards[:2]) if n > 1 else "cuda:0")
+    return Check(cards=cards, split=split, tiny=tiny)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                    help="cpu: the same steps on CPU with tiny shapes (a test of this script)")
+    ap.add_argument("--devices", default="", help="the split of the shape steps and the e2e run (default: the "
+                    "first two cards, or cuda:0 alone)")
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes instead of Llama-3-8B's (a quick smoke run)")
+    ap.add_argument("--steps", default=",".join(STEPS), help="comma-separated subset of the steps")
+    ap.add_argument("--iter-prompts", type=int, default=Iteration.prompts, help="prompts per iteration in the estimate")
+    ap.add_argument("--out", default="", help="also write the step results here as JSON lines")
+    ap.add_argument("--step", help=argparse.SUPPRESS)   # internal: run one step in this process
+    ap.add_argument("--check", help=argparse.SUPPRESS)  # internal: the Check as JSON
+    a = ap.parse_args(argv)
+    if a.step:
+        return child(a.step, Check(**json.loads(a.check)))
+    try:
+        import torch
+    except ImportError as e:
+        print(f"gpu-check: torch does not import in {sys.executable} ({e}); install your CUDA build of PyTorch "
+              f"(README, 'On a GPU box') or run make gpu-check PYTHON=/path/to/python")
+        return 1
+    c = find_check(a.device, a.devices, a.tiny)
+    if c is None:
+        print(f"gpu-check: torch {torch.__version__} sees no CUDA device, nothing to check")
+        return 0
+    steps = a.steps.split(",")
+    unknown = [s for s in steps if s not in STEPS]
+    if unknown:
+        ap.error(f"unknown step {unknown[0]}; the steps: {', '.join(STEPS)}")
+    t0 = time.time()
+    results = [run_step(name, c) for name in steps]
+    it = Iteration(prompts=a.iter_prompts)
+    header = (f"## gpu-check: {', '.join(c.cards)} (split {c.split}{', tiny shapes' if c.tiny else ''}), "
+              f"{time.time() - t0:.0f} s")
+    print("\n" + report(results, it, header, c.tiny))
+    budget = 10 if len(c.cards) == 1 else 15  # minutes: the issue's promise to a user about to start a run
+    if c.cuda and time.time() - t0 > budget * 60:
+        print(f"note: gpu-check took {(time.time() - t0) / 60:.1f} min, over its {budget}-minute budget")
+    if a.out:  # the step results, then the estimate (when the rates were measured)
+        est = estimate_of(results, it)
+        extra = [{"step": "estimate", "iteration": dataclasses.asdict(it), "hours": est, "tiny": c.tiny}] if est else []
+        Path(a.out).write_text("".join(json.dumps(r) + "\n" for r in results + extra))
+    return 0 if all(verdict(r) != "FAIL" for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
