@@ -4,7 +4,6 @@ the split, attention that leaves SDPA its fast kernels, the step-0 log-ratio exa
 What only a GPU can show is in `make gpu-check`."""
 import functools
 import gc
-import json
 import weakref
 from pathlib import Path
 
@@ -18,7 +17,8 @@ import model as M
 import pipeline
 import quant
 import sppo
-from test_sppo import run_args, tiny_prompts
+from test_pipeline import DEVICES, split_model
+from test_sppo import run_args
 from tiny import make_tiny_chat_model
 
 
@@ -86,11 +86,12 @@ def test_training_resumes_from_a_checkpoint_loaded_to_the_cpu(tiny, tmp_path, mo
     assert seen == ["cpu"]
 
 
-def test_lora_a_is_drawn_on_the_cpu_so_the_adapter_does_not_depend_on_the_split(tiny):
+@pytest.mark.parametrize("dev", DEVICES)
+def test_lora_a_is_drawn_on_the_cpu_so_the_adapter_does_not_depend_on_the_split(tiny, dev):
     """Every CUDA generator is seeded alike by torch.manual_seed: drawn on each layer's device,
     the second card's layers would repeat the first card's A. A is drawn on the CPU generator
-    (recorded here), so the same seed gives the same initial adapter for any split (compared
-    here across splits; `make gpu-check` runs the split tests on two cards)."""
+    (recorded here), so the same seed gives the same initial adapter for any split. Here the
+    splits are over `cpu` stages; `make gpu-check` runs this on cuda:0,cuda:1 (DEVICES)."""
     drawn_on, real = [], torch.nn.init.kaiming_uniform_
 
     def recording(t, *a, **k):
@@ -99,13 +100,12 @@ def test_lora_a_is_drawn_on_the_cpu_so_the_adapter_does_not_depend_on_the_split(
 
     adapters = []
     for bounds in ([0, 4], [0, 1, 4], [0, 2, 3, 4]):
-        where = pipeline.device_map(bounds, ["cpu"] * (len(bounds) - 1))
-        m = quant.quantize_model(tiny / "model", device=where)
+        m = split_model(tiny / "model", bounds, quantized=True, dev=dev)
         torch.manual_seed(7)
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(torch.nn.init, "kaiming_uniform_", recording)
             lora.add_lora(m, lora.LoRAConfig(r=4))
-        adapters.append({k: v.detach().clone() for k, v in lora.lora_params(m).items()})
+        adapters.append({k: v.detach().cpu().clone() for k, v in lora.lora_params(m).items()})
     assert drawn_on and set(drawn_on) == {"cpu"}
     assert all(a.keys() == adapters[0].keys() for a in adapters)
     assert all(torch.equal(a[k], adapters[0][k]) for a in adapters for k in a)
@@ -162,5 +162,5 @@ def test_step_zero_log_ratio_is_exactly_zero(tmp_path):
     lora.add_lora(policy, sppo.lora_config(s))  # B = 0: the policy equals the reference
     score = functools.partial(M.sequence_logps, policy)
     for batch in sppo.batch_order(s, len(pairs))[:4]:
-        _, logr_w, logr_l = sppo.train_step(score, [pairs[i] for i in batch], s, tok.pad_id, torch.device("cpu"))
-        assert torch.cat([logr_w, logr_l]).abs().max().item() == 0.0
+        _, seen = sppo.train_step(score, [pairs[i] for i in batch], s, tok.pad_id, torch.device("cpu"))
+        assert max(map(abs, seen["logr_w"] + seen["logr_l"])) == 0.0

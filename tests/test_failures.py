@@ -176,7 +176,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path, capsy
     assert "training loss is inf at step 4" in msg and "(step 3) is kept" in msg, msg
     assert not (tmp_path / "bad" / "adapter").exists()
     kept = torch.load(tmp_path / "bad" / "train" / "ckpt.pt")
-    assert kept["step"] == 3 and kept["log"] == saved[3]["log"]
+    untimed = lambda log: [{k: v for k, v in x.items() if k != "tokens_per_s"} for x in log]  # only the clock differs
+    assert kept["step"] == 3 and untimed(kept["log"]) == untimed(saved[3]["log"])
     for a, b in zip(kept["lora"], saved[3]["lora"]):
         assert torch.isfinite(a).all() and torch.equal(a, b)
     assert any(not torch.equal(a, b) for a, b in zip(kept["lora"], saved[4]["lora"]))  # 3 is not just "the last"

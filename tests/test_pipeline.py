@@ -95,7 +95,7 @@ def grads_and_loss(model, pairs, s, dev="cpu"):
     for p in lora.lora_params(model).values():
         p.grad = None
     score = functools.partial(M.sequence_logps, pipeline.micro_batched(model, s.micro_batches))
-    loss, _, _ = sppo.train_step(score, pairs, s, 0, torch.device(first(dev)), amp=False)
+    loss, _ = sppo.train_step(score, pairs, s, 0, torch.device(first(dev)), amp=False)
     loss.backward()
     return loss.item(), {k: v.grad.clone() for k, v in lora.lora_params(model).items()}
 

@@ -187,7 +187,8 @@ def run_sppo(args, crash=None):
 
 def artifacts(run):
     """Every file a run leaves, by relative path -> bytes (safetensors compared by tensors).
-    Temporary files are not skipped: a resumed run must not leave any behind."""
+    Temporary files are not skipped: a resumed run must not leave any behind. The one thing
+    no two runs share is a clock: losses.jsonl's tokens_per_s is left out of its lines."""
     from safetensors.torch import load_file
     out = {}
     for f in sorted(run.rglob("*")):
@@ -196,6 +197,8 @@ def artifacts(run):
         rel = str(f.relative_to(run))
         if f.suffix == ".safetensors":
             out[rel] = {k: v.numpy().tobytes() for k, v in load_file(f).items()}
+        elif f.name == "losses.jsonl":
+            out[rel] = [{k: v for k, v in json.loads(x).items() if k != "tokens_per_s"} for x in f.read_text().splitlines()]
         else:  # the run's own folder is named in some files (an adapter's base model path)
             out[rel] = f.read_bytes().replace(str(run.parent).encode(), b"<runs>")
     return out
