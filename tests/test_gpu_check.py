@@ -20,12 +20,13 @@ def no_cuda_env():
 
 
 def test_without_cuda_make_gpu_check_says_nothing_to_check_in_one_line_and_exits_0():
-    r = subprocess.run(["make", "-s", "gpu-check", f"PYTHON={sys.executable}"], cwd=ROOT, env=no_cuda_env(),
+    r = subprocess.run(["make", "-s", "--no-print-directory", "gpu-check", f"PYTHON={sys.executable}"], cwd=ROOT, env=no_cuda_env(),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines() == [r.stdout.strip()] and "nothing to check" in r.stdout
-    # it uses the installed torch: the target installs nothing (no venv stamp, no pip)
-    dry = subprocess.run(["make", "-n", "gpu-check"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    # it uses the installed torch: the target installs nothing (no venv stamp, no pip); run under
+    # another make (as CI does) make would otherwise print "Entering directory" around it
+    dry = subprocess.run(["make", "-n", "--no-print-directory", "gpu-check"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert dry.stdout.strip().endswith("gpu_check.py") and "pip" not in dry.stdout
 
 
