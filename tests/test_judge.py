@@ -46,10 +46,16 @@ CASES = [
     ("max_sentences", {"n": 2}, "One. Two! Three?", False),
     ("max_sentences", {"n": 2}, "Pi is about 3.14 today. Yes.", True),  # no split inside a number
     ("max_sentences", {"n": 2}, "First line\nsecond line\nthird line", False),
+    ("min_sentences", {"n": 3}, "One. Two! Three?", True),
+    ("min_sentences", {"n": 3}, "Pi is 3.14 today. Yes.", False),  # no split inside a number
+    ("min_sentences", {"n": 3}, "- apples\n- pears\n- plums", True),  # list items count as sentences
     ("max_chars", {"n": 10}, "  short!  \n", True),
     ("max_chars", {"n": 10}, "this is too long", False),
     ("include_word", {"word": "river"}, "The River is wide.", True),
     ("include_word", {"word": "river"}, "We sat on the riverbank.", False),
+    ("include_keywords", {"keywords": ["river", "stone"]}, "A Stone sat in the river.", True),
+    ("include_keywords", {"keywords": ["river", "stone"]}, "A river, and stones.", False),  # "stones" is not "stone"
+    ("include_keywords", {"keywords": ["river", "stone"]}, "The river.", False),
     ("exclude_word", {"word": "very"}, "It is very good.", False),
     ("exclude_word", {"word": "very"}, "Everything is fine.", True),
     ("word_frequency", {"word": "river", "n": 2}, "river, River!", True),
