@@ -118,6 +118,11 @@ def max_sentences(response, n):
     return len(sentences(response)) <= n
 
 
+@register_check("min_sentences")
+def min_sentences(response, n):
+    return len(sentences(response)) >= n
+
+
 @register_check("max_chars")
 def max_chars(response, n):
     return len(response.strip()) <= n
@@ -126,6 +131,12 @@ def max_chars(response, n):
 @register_check("include_word")
 def include_word(response, word):
     return _has_word(response, word) > 0
+
+
+@register_check("include_keywords")
+def include_keywords(response, keywords):
+    # all of them: several required words reward saying more, unlike "avoid a word"
+    return all(_has_word(response, w) > 0 for w in keywords)
 
 
 @register_check("exclude_word")

@@ -20,6 +20,9 @@ import random
 SEED = 2405_00675
 N_TRAIN, N_HELDOUT = 320, 110
 HELDOUT_FRACTION = 0.25
+LENGTH_SHARE = 0.6  # prompts with a length bound
+UPPER_BOUNDS, LOWER_BOUNDS = ("max_words", "max_sentences"), ("min_words", "min_sentences")
+WORD_BOUNDS = [20, 25, 30, 35, 40]  # for at most and at least alike
 
 # (topic, a plain word that fits it: used for "use the word ..." constraints)
 TOPICS = [
@@ -193,8 +196,8 @@ JSON_KEYS = [("name", "description"), ("topic", "fact"), ("title", "summary"), (
 
 SIMPLE_WORDS = ["river", "friend", "morning", "light", "bright", "garden", "window", "quiet", "simple",
                 "happy", "green", "music", "journey", "smile", "gentle", "little", "home"]
-# very frequent words: avoiding them takes effort, so answers meet this only sometimes
-COMMON_WORDS = ["the", "is", "and", "of", "to", "it", "in", "very"]
+# very frequent words: avoiding them, or using one 2-3 times, is met only sometimes
+COMMON_WORDS = ["the", "is", "and", "of", "to", "it", "in"]
 START_WORDS = ["Yes", "Sure", "Today", "Imagine", "Well", "Once", "Here", "Hello", "In", "The", "Dear", "First"]
 END_PHRASES = ["That is all.", "Thanks for reading.", "Have a nice day!", "The end.", "Stay curious!",
                "I hope this helps."]
@@ -203,37 +206,44 @@ END_PHRASES = ["That is all.", "Thanks for reading.", "Have a nice day!", "The e
 # -----------------------------------------------------------------------------
 # constraint makers: (rng, key_word) -> (sentence for the prompt, list of checks)
 
+# Length bounds come in mirrored pairs (at most / at least N words, sentences) with the same
+# thresholds, placed around the policy's sampled lengths (median ~30 words, at most ~60 in
+# 64 new tokens), so each is met about as often as its mirror and neither direction pays.
+
 def c_max_words(rng, key):
-    n = rng.choice([20, 25, 30, 35, 40, 50, 60])
+    n = rng.choice(WORD_BOUNDS)
     t = rng.choice(["Answer in at most {n} words.", "Keep it to {n} words or fewer.",
                     "Use no more than {n} words.", "Your reply must be at most {n} words long."])
     return t.format(n=n), [{"type": "max_words", "n": n}]
 
 
 def c_word_range(rng, key):
-    a = rng.choice([30, 40])
-    b = a + rng.choice([20, 30])
+    a = rng.choice([15, 20, 25])
+    b = a + rng.choice([15, 20])
     return f"Use between {a} and {b} words.", [{"type": "min_words", "n": a}, {"type": "max_words", "n": b}]
 
 
 def c_min_words(rng, key):
-    n = rng.choice([50, 60, 70])
+    n = rng.choice(WORD_BOUNDS)
     t = rng.choice(["Write at least {n} words.", "Your answer should be at least {n} words long."])
     return t.format(n=n), [{"type": "min_words", "n": n}]
 
 
+SENTENCES = {1: "one sentence", 2: "two sentences", 3: "three sentences", 4: "four sentences"}
+
+
 def c_max_sentences(rng, key):
-    n = rng.choice([1, 1, 2, 2, 3])
-    word = {1: "one sentence", 2: "two sentences", 3: "three sentences", 4: "four sentences"}[n]
+    n = rng.choice([1, 2, 3])
     t = rng.choice(["Answer in at most {w}.", "Use no more than {w}.", "Keep it to {w} or fewer."])
     if n == 1:
         t = rng.choice(["Answer in a single sentence.", "Reply with just one sentence."])
-    return t.format(w=word), [{"type": "max_sentences", "n": n}]
+    return t.format(w=SENTENCES[n]), [{"type": "max_sentences", "n": n}]
 
 
-def c_max_chars(rng, key):
-    n = rng.choice([150, 200, 250, 300])
-    return f"Keep the whole answer to at most {n} characters.", [{"type": "max_chars", "n": n}]
+def c_min_sentences(rng, key):
+    n = rng.choice([2, 3, 4])
+    t = rng.choice(["Write at least {w}.", "Use {w} or more.", "Your answer needs at least {w}."])
+    return t.format(w=SENTENCES[n]), [{"type": "min_sentences", "n": n}]
 
 
 def c_include_word(rng, key):
@@ -243,8 +253,19 @@ def c_include_word(rng, key):
     return t.format(w=w), [{"type": "include_word", "word": w}]
 
 
+def c_include_keywords(rng, key):
+    # two words to work in: a gain here needs content, a short answer rarely has both
+    w = rng.choice([x for x in SIMPLE_WORDS if x != key])
+    t = rng.choice(["Use both words '{a}' and '{b}'.", "Mention '{a}' and also '{b}'.",
+                    "Your answer must contain the words '{a}' and '{b}'."])
+    return t.format(a=key, b=w), [{"type": "include_keywords", "keywords": [key, w]}]
+
+
 def c_word_frequency(rng, key):
-    return f"Use the word '{key}' at least twice.", [{"type": "word_frequency", "word": key, "n": 2}]
+    # the mirror of exclude_word: the same very common words, wanted at least n times
+    w, n = rng.choice(COMMON_WORDS), rng.choice([2, 3])
+    t = rng.choice(["Use the word '{w}' at least {n} times.", "The word '{w}' must appear {n} or more times."])
+    return t.format(w=w, n=n), [{"type": "word_frequency", "word": w, "n": n}]
 
 
 def c_exclude_word(rng, key):
@@ -306,47 +327,56 @@ def c_no_digits(rng, key):
     return "Do not use any digits; write numbers out as words.", [{"type": "no_digits"}]
 
 
-# name -> (maker, weight, is_length, is_list). Weights follow how often SmolLM2-135M meets
-# each (see README). all_uppercase, wrapped_in_quotes, number_of_paragraphs exist as checks
-# but are left out here: it never met them, so they add no signal.
-CONSTRAINTS = {
-    "max_words": (c_max_words, 16, True, False),
-    "word_range": (c_word_range, 4, True, False),
-    "min_words": (c_min_words, 2, True, False),
-    "max_sentences": (c_max_sentences, 6, True, False),
-    "max_chars": (c_max_chars, 4, True, False),
-    "include_word": (c_include_word, 14, False, False),
-    "word_frequency": (c_word_frequency, 4, False, False),
-    "exclude_word": (c_exclude_word, 9, False, False),
-    "starts_with": (c_starts_with, 12, False, False),
-    "ends_with": (c_ends_with, 5, False, False),
-    "question_end": (c_question_end, 3, False, False),
-    "lowercase": (c_lowercase, 2, False, False),
-    "no_commas": (c_no_commas, 10, False, False),
-    "bullets": (c_bullets, 3, False, True),
-    "numbered": (c_numbered, 3, False, True),
-    "include_number": (c_include_number, 4, False, False),
-    "no_digits": (c_no_digits, 2, False, False),
+# Each prompt gets at most one length bound, in its own slot; its side alternates so every set
+# has as many "at most" as "at least" bounds (word_range is both). name -> (maker, weight, side)
+LENGTH = {
+    "max_words": (c_max_words, 8, "short"),
+    "min_words": (c_min_words, 8, "long"),
+    "max_sentences": (c_max_sentences, 4, "short"),
+    "min_sentences": (c_min_sentences, 4, "long"),
+    "word_range": (c_word_range, 3, "both"),
 }
-LENGTH = [k for k, v in CONSTRAINTS.items() if v[2]]
-LISTS = [k for k, v in CONSTRAINTS.items() if v[3]]
+# The other constraints: name -> (maker, weight, is_list). Weights follow how often SmolLM2-135M
+# meets each and how it leans with length (see README, "Balance"): kinds a short answer meets
+# more easily (exclude_word, no_commas, ends_with, ...) are matched by kinds that need more
+# said (word_frequency, include_keywords, include_number). all_uppercase, wrapped_in_quotes,
+# number_of_paragraphs and max_chars exist as checks but are left out here.
+CONSTRAINTS = {
+    "starts_with": (c_starts_with, 12, False),
+    "include_word": (c_include_word, 12, False),
+    "include_keywords": (c_include_keywords, 8, False),
+    "word_frequency": (c_word_frequency, 8, False),
+    "exclude_word": (c_exclude_word, 5, False),
+    "include_number": (c_include_number, 5, False),
+    "no_commas": (c_no_commas, 4, False),
+    "ends_with": (c_ends_with, 4, False),
+    "question_end": (c_question_end, 2, False),
+    "lowercase": (c_lowercase, 1, False),
+    "no_digits": (c_no_digits, 2, False),
+    "bullets": (c_bullets, 3, True),
+    "numbered": (c_numbered, 3, True),
+}
+LISTS = [k for k, v in CONSTRAINTS.items() if v[2]]
 # pairs that contradict each other (or read oddly) in one prompt
 CONFLICTS = [
-    *[(a, b) for a in LENGTH for b in LENGTH if a < b and "max_sentences" not in (a, b)],
     *[(a, b) for a in LISTS for b in LISTS if a < b],
-    *[("max_sentences", x) for x in LISTS + ["min_words"]],
-    ("include_word", "word_frequency"), ("ends_with", "question_end"), ("include_number", "no_digits"),
-    ("numbered", "no_digits"), ("lowercase", "starts_with"), ("lowercase", "ends_with"),
+    *[(x, "max_sentences") for x in LISTS], *[(x, "min_sentences") for x in LISTS],
+    ("include_word", "include_keywords"), ("include_word", "word_frequency"),
+    ("include_keywords", "word_frequency"), ("exclude_word", "word_frequency"),
+    ("ends_with", "question_end"), ("include_number", "no_digits"), ("numbered", "no_digits"),
+    ("lowercase", "starts_with"), ("lowercase", "ends_with"),
 ]
 CONFLICT_SET = {frozenset(p) for p in CONFLICTS}
 
 
-def pick_constraints(rng, key, nolist):
+def pick_constraints(rng, key, nolist, side):
+    """1-3 constraints; with probability LENGTH_SHARE one of them is a length bound on `side`
+    ("short": at most, "long": at least) or a word range."""
     n = rng.choices([1, 2, 3], weights=[30, 50, 20])[0]
     names = []
-    # most prompts carry a length limit: the policy's answers get cut at ~100 tokens anyway
-    if rng.random() < 0.55:
-        names.append(rng.choices(LENGTH, weights=[CONSTRAINTS[k][1] for k in LENGTH])[0])
+    if rng.random() < LENGTH_SHARE:
+        pool = [k for k, v in LENGTH.items() if v[2] in (side, "both")]
+        names.append(rng.choices(pool, weights=[LENGTH[k][1] for k in pool])[0])
     while len(names) < n:
         pool = [k for k in CONSTRAINTS if k not in names and not (nolist and k in LISTS)
                 and all(frozenset((k, o)) not in CONFLICT_SET for o in names)]
@@ -354,14 +384,15 @@ def pick_constraints(rng, key, nolist):
     rng.shuffle(names)
     texts, checks = [], []
     for name in names:
-        t, c = CONSTRAINTS[name][0](rng, key)
+        t, c = {**LENGTH, **CONSTRAINTS}[name][0](rng, key)
         texts.append(t)
         checks.extend(c)
     return texts, checks
 
 
-def make_row(rng, topics, paragraphs, questions):
-    family = rng.choices(["topic", "question", "paragraph", "json"], weights=[58, 24, 14, 4])[0]
+def make_row(rng, topics, paragraphs, questions, side):
+    # JSON replies are few: an answer cut at --max-new-tokens is never valid JSON, so length hurts them
+    family = rng.choices(["topic", "question", "paragraph", "json"], weights=[60, 24, 14, 2])[0]
     if family == "json":
         t, key = rng.choice(topics)
         k1, k2 = rng.choice(JSON_KEYS)
@@ -371,16 +402,16 @@ def make_row(rng, topics, paragraphs, questions):
     if family == "topic":
         t, key = rng.choice(topics)
         task, nolist = rng.choice(TOPIC_TASKS)
-        texts, checks = pick_constraints(rng, key, nolist)
+        texts, checks = pick_constraints(rng, key, nolist, side)
         return task.format(t=t) + " " + " ".join(texts), checks
     if family == "question":
         q, key = rng.choice(questions)
         task, nolist = rng.choice(QUESTION_TASKS)
-        texts, checks = pick_constraints(rng, key, nolist)
+        texts, checks = pick_constraints(rng, key, nolist, side)
         return task.format(q=q) + " " + " ".join(texts), checks
     para, key = rng.choice(paragraphs)
     task, nolist = rng.choice(PARAGRAPH_TASKS)
-    texts, checks = pick_constraints(rng, key, nolist)
+    texts, checks = pick_constraints(rng, key, nolist, side)
     return f"{task}\n\n{para}\n\n" + " ".join(texts), checks
 
 
@@ -399,11 +430,15 @@ def build(seed=SEED):
     for s, (name, n) in enumerate([("train", N_TRAIN), ("heldout", N_HELDOUT)]):
         topics, paragraphs, questions = (p[s] for p in pools)
         rows, seen = [], set()
+        bounds = {"short": 0, "long": 0}  # upper and lower length bounds so far in this set
         while len(rows) < n:
-            prompt, checks = make_row(rng, topics, paragraphs, questions)
+            side = min(bounds, key=lambda k: (bounds[k], rng.random()))  # the side behind, ties at random
+            prompt, checks = make_row(rng, topics, paragraphs, questions, side)
             if prompt in seen or len(checks) > 3:  # word_range is one sentence but two checks
                 continue
             seen.add(prompt)
+            bounds["short"] += sum(c["type"] in UPPER_BOUNDS for c in checks)
+            bounds["long"] += sum(c["type"] in LOWER_BOUNDS for c in checks)
             rows.append({"id": f"{name}-{len(rows):04d}", "prompt": prompt, "checks": checks})
         out[name] = rows
     return out

@@ -46,10 +46,16 @@ CASES = [
     ("max_sentences", {"n": 2}, "One. Two! Three?", False),
     ("max_sentences", {"n": 2}, "Pi is about 3.14 today. Yes.", True),  # no split inside a number
     ("max_sentences", {"n": 2}, "First line\nsecond line\nthird line", False),
+    ("min_sentences", {"n": 3}, "One. Two! Three?", True),
+    ("min_sentences", {"n": 3}, "Pi is 3.14 today. Yes.", False),  # no split inside a number
+    ("min_sentences", {"n": 3}, "- apples\n- pears\n- plums", True),  # list items count as sentences
     ("max_chars", {"n": 10}, "  short!  \n", True),
     ("max_chars", {"n": 10}, "this is too long", False),
     ("include_word", {"word": "river"}, "The River is wide.", True),
     ("include_word", {"word": "river"}, "We sat on the riverbank.", False),
+    ("include_keywords", {"keywords": ["river", "stone"]}, "A Stone sat in the river.", True),
+    ("include_keywords", {"keywords": ["river", "stone"]}, "A river, and stones.", False),  # "stones" is not "stone"
+    ("include_keywords", {"keywords": ["river", "stone"]}, "The river.", False),
     ("exclude_word", {"word": "very"}, "It is very good.", False),
     ("exclude_word", {"word": "very"}, "Everything is fine.", True),
     ("word_frequency", {"word": "river", "n": 2}, "river, River!", True),
@@ -207,8 +213,39 @@ def test_prompt_files_shape_and_checks():
                 assert str(c["n"]) in text, (c, text)
             if c["type"] == "json_keys":
                 assert all(f'"{k}"' in text for k in c["keys"])
+            if c["type"] == "include_keywords":
+                assert all(f"'{k}'" in text for k in c["keywords"]), (c, text)
+            if c["type"] == "word_frequency":
+                assert f"{c['n']} " in text, (c, text)
     kinds = {c["type"] for r in train for c in r["checks"]}
     assert len(kinds) >= 12
+
+
+UPPER, LOWER = ("max_words", "max_sentences"), ("min_words", "min_sentences")
+
+
+@pytest.mark.parametrize("name", ["train", "heldout"])
+def test_prompt_sets_have_as_many_lower_as_upper_length_bounds(name):
+    checks = [c["type"] for r in load(name) for c in r["checks"]]
+    upper, lower = sum(c in UPPER for c in checks), sum(c in LOWER for c in checks)
+    assert upper >= len(load(name)) // 4 and abs(upper - lower) <= 1, (upper, lower)
+    # every prompt carries at most one length bound (word ranges: one of each side)
+    for r in load(name):
+        kinds = [c["type"] for c in r["checks"] if c["type"] in UPPER + LOWER]
+        assert len(kinds) <= 1 or sorted(kinds) == ["max_words", "min_words"], r
+
+
+@pytest.mark.parametrize("name", ["train", "heldout"])
+def test_saying_less_meets_no_more_length_bounds(name):
+    # one-sentence filler answers of 10 and 50 words: with bounds mirrored at the same word counts,
+    # both meet the same share of the set's length bounds (the old sets: 0.85 vs 0.57 on train)
+    bounds = [c for r in load(name) for c in r["checks"] if c["type"] in UPPER + LOWER]
+
+    def met(n):
+        answer = " ".join(["word"] * n) + "."
+        return np.mean([check_results(answer, [c])[0] for c in bounds])
+
+    assert abs(met(10) - met(50)) <= 0.05, (met(10), met(50))
 
 
 def test_heldout_instructions_are_disjoint_from_train():
