@@ -19,6 +19,12 @@ iterate: $(VENV_STAMP)
 test: $(VENV_STAMP)
 	$(PY) -m pytest -q tests
 
+# The paper's comparison: the loop once per loss (sppo, sppo_single, dpo, ipo) from one pi_0, then
+# runs/compare/seed<SEED>/summary.md and compare.png. Resumable like iterate.
+SEED ?= 0
+compare: $(VENV_STAMP)
+	$(PY) compare.py --seed $(SEED) $(COMPARE_FLAGS)
+
 clean-runs:
 	rm -rf runs
 
@@ -27,7 +33,7 @@ clean-runs:
 bench: $(VENV_STAMP)
 	$(PY) bench.py $(BENCH_FLAGS)
 
-.PHONY: venv iterate test clean-runs bench
+.PHONY: venv iterate test compare clean-runs bench
 
 # Before a long run on real hardware (README, "Before a long run"): minutes that prove the cards
 # work end to end and measure what a run will cost. It uses the Python with your CUDA build of

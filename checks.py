@@ -25,6 +25,7 @@ SPPO_LOSSES = ("sppo", "sppo_single")
 RANGES = {
     "iters": (lambda v: v >= 1, ">= 1"), "k": (lambda v: v >= 2, ">= 2 (a pair needs two responses)"),
     "prompts_per_iter": (lambda v: v >= 0, ">= 0 (0 = all)"), "eval_prompts": (lambda v: v >= 0, ">= 0 (0 = all)"),
+    "kl_samples": (lambda v: v >= 0, ">= 0 (0 = none)"),
     "temperature": (lambda v: v >= 0, ">= 0 (0 = greedy)"), "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "top_k": (lambda v: v >= 0, ">= 0 (0 = off)"), "max_new_tokens": (lambda v: v >= 1, ">= 1"),
     "gen_batch": (lambda v: v >= 1, ">= 1"), "eval_batch": (lambda v: v >= 0, ">= 0 (0 = --gen-batch)"),

@@ -3,6 +3,10 @@ and the held-out answers in AlpacaEval's format."""
 import files
 
 
+def ci(m, signed=False):
+    return f"{m[0]:{'+' if signed else ''}.3f} +/- {m[1]:.3f}"
+
+
 def kilo(n):
     return f"{n / 1000:.1f}k" if n >= 1000 else str(n)
 
@@ -17,16 +21,33 @@ def answers_summary(rows, what):
     return f"{n} {what}, {kilo(tokens)} tokens"
 
 
-def print_table(table, seconds):
-    print("\n| iter | win rate vs pi_0 (95% CI) | train loss | held-out satisfaction: base -> new (gain, 95% CI) |")
-    print("|---|---|---|---|")
+def ci(m, signed=False):
+    return f"{m[0]:{'+' if signed else ''}.3f} +/- {m[1]:.3f}"
+
+
+def results(table):
+    """The held-out results as Markdown, length beside every figure (a gain is a gain only at
+    equal length), then, where the prompts carry checks, satisfaction per check kind."""
+    cols = ["iter", "win rate vs pi_0", "at equal length", "words: base -> new"]
+    sat, kl = bool(table) and "sat_new" in table[0], bool(table) and "kl" in table[0]
+    cols += ["satisfaction: base -> new", "gain", "gain at equal length"] if sat else []
+    cols += ["KL(pi_t+1 || pi_t)"] if kl else []
+    out = ["| " + " | ".join(cols + ["train loss"]) + " |", "|---" * (len(cols) + 1) + "|"]
     for r in table:
-        wr, ci = r["win_rate"]
-        sat = ""
-        if "sat_new" in r:
-            sat = f"{r['sat_base'][0]:.3f} -> {r['sat_new'][0]:.3f} ({r['sat_gain'][0]:+.3f} +/- {r['sat_gain'][1]:.3f})"
-        print(f"| {r['iter'] + 1} | {wr:.3f} +/- {ci:.3f} | {r['train_loss']:.4f} | {sat} |")
-    print(f"wall time {seconds / 60:.1f} min")
+        row = [str(r["iter"] + 1), ci(r["win_rate"]), ci(r["win_rate_lc"]), f"{r['words_base'][0]:.1f} -> {r['words_new'][0]:.1f}"]
+        if sat:
+            row += [f"{r['sat_base'][0]:.3f} -> {r['sat_new'][0]:.3f}", ci(r["sat_gain"], True), ci(r["sat_gain_lc"], True)]
+        row += [ci(r["kl"])] if kl else []
+        out.append("| " + " | ".join(row + [f"{r['train_loss']:.4f}"]) + " |")
+    out.append("\n95% CIs. words: mean held-out answer length. At equal length: fitted with a length term (stats.py).")
+    if sat:
+        last = table[-1]
+        out += ["", "| check kind | prompts | pi_0 | " + " | ".join(f"pi_{r['iter'] + 1}" for r in table)
+                + f" | gain of pi_{last['iter'] + 1} |", "|---|---:" + "|---:" * (len(table) + 2) + "|"]
+        for kind, k in last["per_kind"].items():
+            out.append(f"| {kind} | {k['n']} | {k['base']:.2f} | " + " | ".join(f"{r['per_kind'][kind]['new']:.2f}" for r in table)
+                       + f" | {ci(k['gain'], True)} |")
+    return "\n".join(out) + "\n"
 
 
 def export_alpaca_eval(path, rows, answers, generator):

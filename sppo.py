@@ -40,6 +40,7 @@ import parallel
 import pipeline
 import report
 import runs
+import stats
 from runs import RunError
 
 HERE = Path(__file__).resolve().parent
@@ -71,6 +72,8 @@ class Settings:
     max_new_tokens: int = opt(64, "max new tokens per response (the paper used 2048)")
     gen_batch: int = opt(24, "prompts per generation batch (also the resume chunk)")
     eval_batch: int = opt(50, "held-out prompts answered together (greedy) in the evaluation; 0 = --gen-batch")
+    kl_samples: int = opt(0, "held-out prompts on which to estimate KL(pi_(t+1) || pi_t) each iteration (one sample "
+                          "each at temperature 1, scored under both models); 0 = none")
     backend: str = opt("builtin", "sampler: builtin (our KV-cache sampler) or vllm (GPU extra)", choices=["builtin", "vllm"])
     vllm_memory: float = opt(0.85, "fraction of GPU memory the vLLM sampler may take")
     vllm_tp: int = opt(1, "GPUs vLLM splits the sampler over (its tensor parallel; under torchrun rank 0 runs it)")
@@ -226,15 +229,20 @@ def batch_order(s, n):
 
 
 def pair_tensors(pairs, s, pad_id, device):
-    """Right-padded [chosen..., rejected...] sequences and masks of their response tokens.
+    """[chosen..., rejected...] as seq_tensors."""
+    prompts = [p["prompt_ids"] for p in pairs]
+    return seq_tensors(prompts * 2, [p["chosen_ids"] for p in pairs] + [p["rejected_ids"] for p in pairs], s, pad_id, device)
+
+
+def seq_tensors(prompts, responses, s, pad_id, device):
+    """Right-padded prompt + response sequences and masks of their response tokens.
     Too-long prompts keep their end (the instruction's last words and the assistant header)."""
     seqs, masks = [], []
-    for key in ("chosen_ids", "rejected_ids"):
-        for p in pairs:
-            prompt = p["prompt_ids"][-s.max_prompt_len:]
-            resp = p[key][:max(1, s.max_len - len(prompt))]
-            seqs.append(prompt + resp)
-            masks.append([0] * len(prompt) + [1] * len(resp))
+    for prompt, resp in zip(prompts, responses):
+        prompt = prompt[-s.max_prompt_len:]
+        resp = resp[:max(1, s.max_len - len(prompt))]
+        seqs.append(prompt + resp)
+        masks.append([0] * len(prompt) + [1] * len(resp))
     T = max(map(len, seqs))
     ids = torch.tensor([x + [pad_id] * (T - len(x)) for x in seqs], device=device)
     mask = torch.tensor([m + [0] * (T - len(m)) for m in masks], device=device, dtype=torch.bool)
@@ -509,16 +517,12 @@ def merge(s, policy_dir, adapter_dir, out_dir):
 
 # ----------------------------------------------------------------------------- 6. evaluate
 
-def mean_ci(x):
-    """Mean and the half-width of its normal-approximation 95% interval."""
-    x = np.asarray(x, dtype=float)
-    return float(x.mean()), float(1.96 * x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
-
-
-def evaluate(s, t, tok, heldout, base_answers, new_answers, out_path, loss):
+def evaluate(s, t, tok, heldout, base_answers, new_answers, out_path, loss, kl=None):
     """Win rate of pi_{t+1} over pi_0 on held-out prompts: each pair judged in both orders
-    (to cancel position bias) and averaged; with the verifiable judge also both models'
-    constraint-satisfaction rates and their paired difference."""
+    (to cancel position bias) and averaged. Beside it, as preference training loves to change
+    length: both models' mean answer length and the win rate at equal length; where the prompts
+    carry checks, both models' constraint-satisfaction rates, the paired gain, the gain at equal
+    length and a table per check kind (stats.report); kl: KL(pi_{t+1} || pi_t), kl_estimate."""
     if out_path.exists():
         return json.loads(out_path.read_text())
     prompts, judge = [tok.render_chat(data.messages_of(r)) for r in heldout], make_judge(s, tok)
@@ -531,15 +535,36 @@ def evaluate(s, t, tok, heldout, base_answers, new_answers, out_path, loss):
         p2 = judge(prompts[sl], [[b, a] for a, b in zip(new[sl], old[sl])], heldout[sl])
         wins += [(P[0][1] + Q[1][0]) / 2 for P, Q in zip(p1, p2)]
         runs.resume_point("evaluate")
-    res = {"iter": t, "win_rate": mean_ci(wins), "n_eval": len(wins), "train_loss": loss}
-    if s.judge == "verifiable":
-        sat_new = [judges.satisfaction(a, r["checks"]) for a, r in zip(new, heldout)]
-        sat_old = [judges.satisfaction(a, r["checks"]) for a, r in zip(old, heldout)]
-        res["sat_base"], res["sat_new"] = mean_ci(sat_old), mean_ci(sat_new)
-        res["sat_gain"] = mean_ci(np.subtract(sat_new, sat_old))
+    res = {"iter": t, "n_eval": len(wins), "train_loss": loss, **stats.report(heldout, old, new, wins, s.tau)}
+    if kl is not None:
+        res["kl"] = kl
     files.write_json(out_path, res)
     runs.resume_point("evaluate")
     return res
+
+
+def kl_estimate(s, tok, old_dir, new_dir, rows, out_path):
+    """KL(pi_{t+1} || pi_t) on held-out prompts by its definition, E_{y ~ pi_{t+1}}[log pi_{t+1}(y|x)
+    - log pi_t(y|x)]: one sample per prompt from pi_{t+1} at temperature 1 with no top-p or top-k
+    (the models' own distributions, not the sampler's), scored under both models in full
+    precision. -> (mean, 95% half-width) over prompts; responses cut at --max-new-tokens make it
+    the KL of the first max-new-tokens tokens."""
+    got = sample(dataclasses.replace(s, temperature=1.0, top_p=1.0, top_k=0), new_dir, tok, rows, out_path, [s.seed],
+                 desc="KL samples")
+    if not parallel.is_main():
+        return None
+    logps = []
+    for d in (new_dir, old_dir):
+        m, lp = pipeline.load(s, d), []
+        for i in range(0, len(got), s.batch_size):
+            chunk = got[i:i + s.batch_size]
+            ids, mask = seq_tensors([g["prompt_ids"] for g in chunk], [g["response_ids"][0] for g in chunk], s, tok.pad_id,
+                                    pipeline.device_of(s))
+            with torch.no_grad():
+                lp += M.sequence_logps(m, ids, mask).tolist()
+        logps.append(lp)
+        del m
+    return stats.mean_ci(np.subtract(*logps))
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -623,10 +648,13 @@ def run(s):
         with runs.stage(where, "evaluate") as st:
             answers = sample(s, new, tok, heldout, it / "eval_answers.jsonl", [0], greedy=True,
                              desc="eval pi_%d" % (t + 1), batch=s.eval_batch)
+            kl = None
+            if s.kl_samples and not (it / "eval.json").exists():
+                kl = kl_estimate(s, tok, policy, new, heldout[:s.kl_samples], it / "kl_samples.jsonl")
             loss = float(np.mean([r["loss"] for r in log[-max(1, len(log) // 4):]])) if log else float("nan")
             if parallel.is_main():  # with torchrun the others go on and wait in the next collective
                 report.export_alpaca_eval(it / "alpaca_eval" / "model_outputs.json", heldout, answers, f"{s.name}_sppo_iter{t + 1}")
-                res = evaluate(s, t, tok, heldout, base_answers, answers, it / "eval.json", loss)
+                res = evaluate(s, t, tok, heldout, base_answers, answers, it / "eval.json", loss, kl)
                 wr, ci = res["win_rate"]
                 st["summary"] = f"win rate vs pi_0 {wr:.3f} +/- {ci:.3f} on {res['n_eval']} prompts"
                 table.append(res)
@@ -636,7 +664,10 @@ def run(s):
         policy = new
     if track:
         track.close()
-    report.print_table(table, time.time() - t0)
+    if parallel.is_main() and table:
+        summary = report.results(table)
+        files.write_text(run_dir / "summary.md", summary)
+        print("\n" + summary + f"wall time {(time.time() - t0) / 60:.1f} min")
     parallel.finish()
     return table
 

@@ -181,15 +181,19 @@ def win_probs(rows, base, new, tau=0.1):
     return judge.sigmoid((r_new - r_base) / tau), r_base, r_new
 
 
-def report(rows, base, new, tau=0.1):
-    """Everything for base vs new answers to the same held-out rows, length beside each figure."""
-    w, r_base, r_new = win_probs(rows, base, new, tau)
+def report(rows, base, new, wins=None, tau=0.1):
+    """Everything for base vs new answers to the same held-out rows, length beside each figure.
+    wins: the judge's soft verdicts that new beats base (default: the verifiable judge's, as
+    win_probs); the satisfaction measures need every row to carry checks."""
     lb, ln = n_words(base), n_words(new)
-    return {"n": len(rows), "words_base": mean_ci(lb), "words_new": mean_ci(ln),
-            "sat_base": mean_ci(r_base), "sat_new": mean_ci(r_new),
-            "sat_gain": mean_ci(r_new - r_base), "sat_gain_lc": length_controlled_gain(r_new - r_base, lb, ln),
-            "win_rate": mean_ci(w), "win_rate_lc": length_controlled_win_rate(w, lb, ln),
-            "per_kind": per_kind(rows, base, new)}
+    out = {"n": len(rows), "words_base": mean_ci(lb), "words_new": mean_ci(ln)}
+    if all(r.get("checks") for r in rows):
+        w, r_base, r_new = win_probs(rows, base, new, tau)
+        out.update(sat_base=mean_ci(r_base), sat_new=mean_ci(r_new), sat_gain=mean_ci(r_new - r_base),
+                   sat_gain_lc=length_controlled_gain(r_new - r_base, lb, ln), per_kind=per_kind(rows, base, new))
+        wins = w if wins is None else wins
+    out.update(win_rate=mean_ci(wins), win_rate_lc=length_controlled_win_rate(wins, lb, ln))
+    return out
 
 
 def _answers(path):

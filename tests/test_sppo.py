@@ -173,7 +173,7 @@ def run_args(tiny, runs, name="r"):
             "--heldout", str(tiny_prompts(tiny / "heldout.jsonl", 4, "h")), "--runs-dir", str(runs), "--name", name,
             "--iters", "2", "--prompts-per-iter", "6", "--eval-prompts", "4", "--k", "3", "--max-new-tokens", "8",
             "--gen-batch", "2", "--batch-size", "2", "--epochs", "2", "--ckpt-every", "1", "--lora-r", "4",
-            "--device", "cpu", "--lr", "1e-2", "--eta", "2", "--judge-batch", "2"]
+            "--device", "cpu", "--lr", "1e-2", "--eta", "2", "--judge-batch", "2", "--kl-samples", "3"]
 
 
 def run_sppo(args, crash=None):
@@ -286,7 +286,11 @@ def test_end_to_end_two_iterations_leave_every_artifact(tiny_setup, reference_ru
             assert (run_a / f"iter{t}" / f).exists(), f"iter{t}/{f}"
     metrics = [json.loads(x) for x in (run_a / "metrics.jsonl").read_text().splitlines()]
     assert [m["iter"] for m in metrics] == [0, 1]
-    assert "| 2 |" in clean.stdout  # the final table
+    assert "| 2 |" in clean.stdout  # the final table, also in summary.md, with length beside every figure
+    assert (run_a / "summary.md").read_text() in clean.stdout
+    ev = json.loads((run_a / "iter1" / "eval.json").read_text())
+    assert {"words_base", "words_new", "win_rate_lc", "sat_gain_lc", "per_kind", "kl"} <= set(ev)
+    assert set(ev["per_kind"]) == {"no_digits", "max_chars"} and len(ev["kl"]) == 2
     # a summary line per stage, e.g. "iter 1 generate: 18 responses, 0.1k tokens, 3 s"
     for stage in ("generate", "judge", "pairs", "train", "merge", "evaluate"):
         assert re.search(rf"^iter 1 {stage}: .*\d+ s$", clean.stdout, re.M), stage
@@ -430,3 +434,34 @@ def test_pairs_score_exactly_the_sampled_ids_when_the_turn_end_is_not_eos(tmp_pa
                 logp = hf(ids).logits[0, :-1].float().log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
             # the reference is NF4 (4-bit rounding of the weights): close to the fp32 model, not equal
             assert abs(p[ref] - logp[len(p["prompt_ids"]) - 1:].sum().item()) < 0.05 * len(p[key]), key
+
+
+def test_kl_estimate_covers_the_exact_kl_of_one_new_token(tiny_setup, tmp_path):
+    """With one new token KL(pi_new || pi_old) is a finite sum over the vocabulary, computed here
+    from transformers' logits; kl_estimate samples pi_new and averages log-ratios, so its 95%
+    interval must cover the sum (measured: 1.99 +/- 0.23 against 2.00). Mutations caught (tried by
+    hand): the log-ratio's sign flipped, sampling with the loop's temperature 0.7 and top-p 0.9
+    (one token left: 4.10 +/- 0); KL(old || new) = 1.05 would be caught too."""
+    import shutil
+    import data
+    from transformers import AutoModelForCausalLM
+    old = tiny_setup / "model"
+    hf = AutoModelForCausalLM.from_pretrained(old, torch_dtype=torch.float32)
+    with torch.no_grad():
+        hf.model.norm.weight.mul_(6.0)  # a sharper next-token distribution: a KL far from 0
+    new = tmp_path / "new"
+    hf.save_pretrained(new, safe_serialization=True)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(old / f, new / f)
+    s = sppo.parse_args(run_args(tiny_setup, tmp_path) + ["--max-new-tokens", "1", "--gen-batch", "100", "--batch-size", "100"])
+    tok = data.Tokenizer.from_dir(old)
+    rows = [{"id": f"k{i}", "prompt": "say something short"} for i in range(400)]
+    kl, half = sppo.kl_estimate(s, tok, old, new, rows, tmp_path / "kl.jsonl")
+    ids = torch.tensor([tok.encode_chat(data.messages_of(rows[0]))])
+    with torch.no_grad():
+        lp_new = hf(ids).logits[0, -1].log_softmax(-1)
+        lp_old = AutoModelForCausalLM.from_pretrained(old, torch_dtype=torch.float32)(ids).logits[0, -1].log_softmax(-1)
+    exact = float((lp_new.exp() * (lp_new - lp_old)).sum())
+    reverse = float((lp_old.exp() * (lp_old - lp_new)).sum())
+    assert abs(kl - exact) < 1.5 * half, (kl, half, exact)  # 1.5 x the 95% half-width: ~3 standard errors
+    assert abs(reverse - exact) > 3 * half, "the test must tell the two directions apart"

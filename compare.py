@@ -1,0 +1,119 @@
+"""compare.py: the paper's comparison, offline: SPPO against iterative DPO and IPO in the same loop.
+
+    python compare.py [--seed S] [--arms sppo,dpo] [any sppo.py flag ...]     (make compare)
+
+From one pi_0, one prompt split and one set of sampling seeds, sppo.py's loop runs once per loss
+(the paper's Table: SPPO, its single-response variant, iterative DPO and IPO), each an ordinary
+resumable run folder runs/compare/seed<S>/<loss>; running the command again resumes every arm.
+Then runs/compare/seed<S>/summary.md and compare.png: per arm and iteration, the held-out
+constraint-satisfaction gain over pi_0 and its length-controlled counterpart, the win rate
+against pi_0 (both with 95% CIs, paired by prompt), the mean answer length and an estimate of
+KL(pi_{t+1} || pi_t).
+
+What the arms share: pi_0's held-out answers and iteration 0's samples, judgments and pairs
+(with their reference log-probs) depend on pi_0, the seeds and the judge only; the loss first
+acts in training. They are computed by the first arm and copied into the others.
+"""
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import files
+import report
+import sppo
+
+ARMS = ["sppo", "sppo_single", "dpo", "ipo"]
+SHARED = ["eval_base.jsonl", "alpaca_eval/model_outputs.json",
+          "iter0/responses.jsonl", "iter0/judgments.jsonl", "iter0/pairs.jsonl"]
+KL_SAMPLES = 32  # held-out prompts per KL estimate: one sample each, scored under two models
+
+
+def share(src, dst):
+    """Copy what every arm computes alike from one arm's folder to another's, if not there yet."""
+    for rel in SHARED:
+        a, b = src / rel, dst / rel
+        if a.exists() and not b.exists():
+            b.parent.mkdir(parents=True, exist_ok=True)
+            with files.atomic(b) as tmp:
+                shutil.copyfile(a, tmp)
+
+
+def results(tables):
+    """{arm: [eval.json of each iteration]} -> summary.md's text."""
+    out = ["| arm | iter | satisfaction gain | at equal length | win rate vs pi_0 | at equal length | words | KL(pi_t+1 ‖ pi_t) |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    def cell(r, key, signed=False):  # satisfaction needs prompts with checks, KL --kl-samples
+        return report.ci(r[key], signed) if key in r else ""
+
+    for arm, table in tables.items():
+        for r in table:
+            out.append(f"| {arm} | {r['iter'] + 1} | {cell(r, 'sat_gain', True)} | {cell(r, 'sat_gain_lc', True)} | "
+                       f"{cell(r, 'win_rate')} | {cell(r, 'win_rate_lc')} | "
+                       f"{r['words_base'][0]:.1f} -> {r['words_new'][0]:.1f} | {cell(r, 'kl')} |")
+    last = {arm: t[-1] for arm, t in tables.items() if t}
+    first = next(iter(last.values()))
+    if "per_kind" not in first:
+        return "\n".join(out) + "\n"
+    out += ["", "Satisfaction per check kind after the last iteration (pi_0 in the first column):", "",
+            "| check kind | prompts | pi_0 | " + " | ".join(last) + " |", "|---|---:|---:" + "|---:" * len(last) + "|"]
+    for kind, k in first["per_kind"].items():
+        out.append(f"| {kind} | {k['n']} | {k['base']:.2f} | "
+                   + " | ".join(f"{r['per_kind'][kind]['new']:.2f} ({r['per_kind'][kind]['gain'][0]:+.2f} ± "
+                                f"{r['per_kind'][kind]['gain'][1]:.2f})" for r in last.values()) + " |")
+    return "\n".join(out) + "\n\n95% CIs, paired by held-out prompt. At equal length: fitted with a length term (stats.py).\n"
+
+
+def plot(tables, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = [("sat_gain", "satisfaction gain over pi_0"), ("sat_gain_lc", "gain at equal length"),
+              ("win_rate", "win rate vs pi_0"), ("win_rate_lc", "win rate at equal length"),
+              ("words_new", "mean answer length (words)"), ("kl", "KL(pi_t+1 || pi_t)")]
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7))
+    for ax, (key, title) in zip(axes.flat, panels):
+        for i, (arm, table) in enumerate(tables.items()):
+            got = [r for r in table if key in r]
+            x = [r["iter"] + 1 + (i - 1.5) * 0.05 for r in got]  # arms side by side: bars stay readable
+            ax.errorbar(x, [r[key][0] for r in got], yerr=[r[key][1] for r in got], fmt="o-", capsize=3, label=arm)
+        ax.set(title=title, xlabel="iteration")
+        ax.axhline(0.5 if key.startswith("win") else 0.0, color="gray", ls="--", lw=1)
+    axes.flat[0].legend()
+    fig.tight_layout()
+    with files.atomic(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90, metadata={"Software": None})
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seed", type=int, default=0, help="the seed of every arm (prompt split, sampling, LoRA init)")
+    p.add_argument("--arms", default=",".join(ARMS), help="comma-separated losses to compare")
+    p.add_argument("--runs-dir", default=str(sppo.HERE / "runs" / "compare"))
+    # The strengths: SPPO's tuned eta is sppo.py's default. For DPO and IPO beta = 0.1, the DPO paper's
+    # and TRL's default (the SPPO paper does not state its baselines' beta in the text we read).
+    p.add_argument("--eta", type=float, default=sppo.Settings.eta, help="eta of the SPPO arms")
+    p.add_argument("--beta", type=float, default=0.1, help="beta of the DPO and IPO arms")
+    args, rest = p.parse_known_args(argv)
+    arms = args.arms.split(",")
+    if not arms or not set(arms) <= set(ARMS):
+        print(f"error: --arms must be a comma-separated subset of {','.join(ARMS)}, got {args.arms!r}", file=sys.stderr)
+        return 2
+    out = Path(args.runs_dir) / f"seed{args.seed}"
+    tables = {}
+    for arm in arms:
+        if arm != arms[0]:
+            share(out / arms[0], out / arm)
+        print(f"=== compare: {arm} (seed {args.seed}) ===")
+        strength = ["--eta", str(args.eta)] if arm.startswith("sppo") else ["--beta", str(args.beta)]
+        tables[arm] = sppo.main(["--kl-samples", str(KL_SAMPLES), *rest, "--loss", arm, *strength, "--seed", str(args.seed),
+                                 "--runs-dir", str(out), "--name", arm])
+    files.write_text(out / "summary.md", text := results(tables))
+    plot(tables, out / "compare.png")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
