@@ -1,5 +1,5 @@
-"""report.py: what a run shows its user: a summary line per stage, the results table, metrics.png,
-and the held-out answers in AlpacaEval's format."""
+"""report.py: what a run shows its user: a summary line per stage, each training step's measures,
+the results table, metrics.png, and the held-out answers in AlpacaEval's format."""
 import files
 
 
@@ -15,14 +15,26 @@ def size(n):
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
+def step_log(step, loss, lr, grad_norm, seen, seconds):
+    """One optimizer step as TRL users read it: the loss; the mean log-ratios of chosen and rejected
+    (log pi_theta - log pi_t), their margin and the fraction of pairs where chosen's is the larger
+    ("accuracy"); the mean SPPO targets they are pulled towards; the mean |log-ratio| (0 at the
+    first step: the policy starts as the reference); the gradient norm before clipping, the
+    learning rate used, and tokens per second."""
+    mean = lambda xs: sum(xs) / len(xs)
+    w, l = seen["logr_w"], seen["logr_l"]
+    out = {"step": step, "loss": loss, "logr_chosen": mean(w), "logr_rejected": mean(l),
+           "margin": mean([a - b for a, b in zip(w, l)]), "accuracy": mean([float(a > b) for a, b in zip(w, l)]),
+           "abs_logr": mean([abs(x) for x in w + l]), "grad_norm": grad_norm, "lr": lr, "tokens_per_s": seen["tokens"] / seconds}
+    if "target_w" in seen:
+        out.update(target_chosen=mean(seen["target_w"]), target_rejected=mean(seen["target_l"]))
+    return out
+
+
 def answers_summary(rows, what):
     n = sum(len(r["response_ids"]) for r in rows)
     tokens = sum(len(x) for r in rows for x in r["response_ids"])
     return f"{n} {what}, {kilo(tokens)} tokens"
-
-
-def ci(m, signed=False):
-    return f"{m[0]:{'+' if signed else ''}.3f} +/- {m[1]:.3f}"
 
 
 def results(table):

@@ -142,3 +142,22 @@ def not_finite(what, step, ckpt):
     kept = f"the last good checkpoint {ckpt} (step {torch.load(ckpt)['step']}) is kept" if ckpt.exists() else "no checkpoint was written yet"
     raise RunError(f"training {what} at step {step + 1}; {kept}. Lower --lr or --eta, or check the pairs in "
                    f"{ckpt.parent.parent}/pairs.jsonl for inf/NaN reference log-probs")
+
+
+def save_train_state(ckpt, params, opt, sched, step, log):
+    """Training's resume point: the LoRA weights, AdamW's moments, the schedule, the log."""
+    files.save_torch(ckpt, {"lora": [p.detach().cpu() for p in params], "opt": opt.state_dict(),
+                            "sched": sched.state_dict(), "step": step, "log": log})
+
+
+def load_train_state(ckpt, params, opt, sched):
+    """-> (step, log) of the checkpoint, its weights and optimizer state put back in place."""
+    # to the CPU: AdamW's `step` counters stay where they are loaded, and a split model's
+    # parameters live on several devices (the moments follow each parameter by themselves)
+    st = torch.load(ckpt, map_location="cpu")
+    with torch.no_grad():
+        for p, v in zip(params, st["lora"]):
+            p.copy_(v)
+    opt.load_state_dict(st["opt"])
+    sched.load_state_dict(st["sched"])
+    return st["step"], st["log"]

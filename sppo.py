@@ -12,7 +12,8 @@ For each iteration t, starting from pi_0 = the base model:
 Read top to bottom: the settings, the SPPO maths (win rates, pairs, the loss, one training
 step), the six stages, the loop. Every stage reads and writes named files under runs/<name>/;
 a stage whose output exists is skipped, so running the same command again resumes where it
-stopped (the machinery for that is in runs.py, the devices in pipeline.py and parallel.py).
+stopped (the machinery for that is in runs.py, the start-up checks in checks.py, the devices in
+pipeline.py and parallel.py).
 """
 import argparse
 import dataclasses
@@ -30,7 +31,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import checks
-import convert
 import data
 import files
 import judge as judges
@@ -415,15 +415,7 @@ def train(s, tok, policy_dir, pairs, work_dir, adapter_dir, track=None, step_off
     step, log = 0, []
     ckpt = work_dir / "ckpt.pt"
     if ckpt.exists():
-        # to the CPU: AdamW's `step` counters stay where they are loaded, and a split model's
-        # parameters live on several devices (the moments follow each parameter by themselves)
-        st = torch.load(ckpt, map_location="cpu")
-        with torch.no_grad():
-            for p, v in zip(params, st["lora"]):
-                p.copy_(v)
-        opt.load_state_dict(st["opt"])
-        sched.load_state_dict(st["sched"])
-        step, log = st["step"], st["log"]
+        step, log = runs.load_train_state(ckpt, params, opt, sched)
     W, net = parallel.world(), pipeline.micro_batched(model, s.micro_batches)
     # with torchrun: LoRA gradients all-reduced by DDP (parallel.ddp)
     score = parallel.ddp(net) if W > 1 else functools.partial(M.sequence_logps, net)
@@ -457,7 +449,7 @@ def train(s, tok, policy_dir, pairs, work_dir, adapter_dir, track=None, step_off
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        log.append(step_log(step, loss_sum, lr, norm.item(), seen, time.perf_counter() - t0))
+        log.append(report.step_log(step, loss_sum, lr, norm.item(), seen, time.perf_counter() - t0))
         if step == 1:  # the policy starts as the reference: exactly 0 where training scores as the reference was scored
             print(f"  step 0: mean |log-ratio| {log[-1]['abs_logr']:.2e}")
         if track:
@@ -465,30 +457,13 @@ def train(s, tok, policy_dir, pairs, work_dir, adapter_dir, track=None, step_off
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.4g}", margin=f"{log[-1]['margin']:.2f}", acc=f"{log[-1]['accuracy']:.2f}")
         if (step % s.ckpt_every == 0 or step == total) and parallel.is_main():
-            files.save_torch(ckpt, {"lora": [p.detach().cpu() for p in params], "opt": opt.state_dict(),
-                                    "sched": sched.state_dict(), "step": step, "log": log})
+            runs.save_train_state(ckpt, params, opt, sched, step, log)
             runs.resume_point("train")
     bar.close()
     if parallel.is_main():
         files.write_jsonl(work_dir / "losses.jsonl", log)
         lora.save_adapter(model, lora_config(s), adapter_dir, base_path=str(policy_dir))
     return log
-
-
-def step_log(step, loss, lr, grad_norm, seen, seconds):
-    """One optimizer step as TRL users read it: the loss; the mean log-ratios of chosen and rejected
-    (log pi_theta - log pi_t), their margin and the fraction of pairs where chosen's is the larger
-    ("accuracy"); the mean SPPO targets they are pulled towards; the mean |log-ratio| (0 at the
-    first step: the policy starts as the reference); the gradient norm before clipping, the
-    learning rate used, and tokens per second."""
-    mean = lambda xs: sum(xs) / len(xs)
-    w, l = seen["logr_w"], seen["logr_l"]
-    out = {"step": step, "loss": loss, "logr_chosen": mean(w), "logr_rejected": mean(l),
-           "margin": mean([a - b for a, b in zip(w, l)]), "accuracy": mean([float(a > b) for a, b in zip(w, l)]),
-           "abs_logr": mean([abs(x) for x in w + l]), "grad_norm": grad_norm, "lr": lr, "tokens_per_s": seen["tokens"] / seconds}
-    if "target_w" in seen:
-        out.update(target_chosen=mean(seen["target_w"]), target_rejected=mean(seen["target_l"]))
-    return out
 
 
 # ----------------------------------------------------------------------------- 5. merge
@@ -569,51 +544,9 @@ def kl_estimate(s, tok, old_dir, new_dir, rows, out_path):
 
 # ----------------------------------------------------------------------------- the loop
 
-def start(s):
-    """Every input checked before the run folder is touched, so a bad start costs nothing and
-    leaves the folder as it was: the flags, the memory plan (always on CUDA), the model's files,
-    the prompt files. -> (pi_0's folder, tokenizer, the iterations' prompts, held-out prompts, run folder)."""
-    checks.check_flags(s)
-    s.device, s.devices = parallel.setup(s.device, s.devices)  # torchrun: join the ranks, pick this one's devices
-    base_dir = Path(s.model) if s.model else convert.embedded_model_dir()
-    devices = s.devices.split(",") if s.devices else [str(pipeline.device_of(s))]
-    cuda = any(torch.device(d).type == "cuda" for d in devices)
-    if s.plan or s.devices or cuda:
-        _, rows = pipeline.run_plan(s, base_dir)
-        fits = pipeline.print_plan(rows, errors=s.plan)
-        each = lora.merged_bytes(base_dir, None if s.merged_dtype == "auto" else getattr(torch, s.merged_dtype))
-        print(f"disk: each merged pi_(t+1) {report.size(each)} (--merged-dtype {s.merged_dtype}), {s.iters} iterations "
-              f"{report.size(s.iters * each)} under {Path(s.runs_dir) / s.name} (adapters and JSONL files: a few MB more)")
-        if s.plan:
-            sys.exit(0 if fits else 2)
-        if not fits and cuda:
-            raise RunError(pipeline.plan_problems(rows)[0] + " (the plan above; --plan prints it alone)")
-    M.Config.from_hf(base_dir)
-    M.check_headers(base_dir)
-    tok = data.Tokenizer.from_dir(base_dir)
-    pool, stats = data.load_prompts(s.prompts)
-    heldout, _ = data.load_prompts(s.heldout)
-    heldout = heldout[:s.eval_prompts] if s.eval_prompts else heldout
-    pool, stats["too_long"] = data.fit_prompts(pool, tok, s.max_prompt_len, s.long_prompts)
-    heldout, long_heldout = data.fit_prompts(heldout, tok, s.max_prompt_len, s.long_prompts)
-    parts = data.split_prompts(pool, s.iters, s.prompts_per_iter, s.seed)
-    checks.check_prompts(s, pool, heldout, parts, s.prompts)
-    run_dir = Path(s.runs_dir) / s.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    runs.check_settings(s, run_dir, Settings.HARMLESS)
-    if parallel.is_main():  # with torchrun only rank 0 writes, so only it cleans
-        runs.remove_leftovers(run_dir)
-    print(f"sppo: model {base_dir}, {len(pool)} prompts ({stats}), {s.iters} iterations x {len(parts[0])} prompts, "
-          f"K={s.k}, judge {s.judge}, loss {s.loss}; run folder {run_dir}")
-    if stats["too_long"] or long_heldout:
-        print(f"  prompts longer than --max-prompt-len {s.max_prompt_len}: {stats['too_long']} training, "
-              f"{long_heldout} held-out ({'truncated' if s.long_prompts == 'truncate' else 'skipped'})")
-    return base_dir, tok, parts, heldout, run_dir
-
-
 def run(s):
     t0 = time.time()
-    base_dir, tok, parts, heldout, run_dir = start(s)
+    base_dir, tok, parts, heldout, run_dir = checks.start(s, Settings.HARMLESS)
     seeds = [50 * k for k in range(s.k)]  # 0, 50, ..., 200: the reference code's vLLM seeds (see sample)
     with runs.stage("base", "generate") as st:
         base_answers = sample(s, base_dir, tok, heldout, run_dir / "eval_base.jsonl", [0], greedy=True, desc="eval pi_0",
