@@ -62,6 +62,15 @@ class Bench:
     top_p: float = 0.9
     lora_r: int = 16
     seed: int = 0
+    grad_ckpt: bool = False    # gradient checkpointing per block, in both stacks
+    split: bool = False        # each stack's inference in its own process (two 8B models do not fit one card)
+
+
+def for_24gb(b: Bench) -> Bench:
+    """The Llama-3-8B rows sized for one 24 GB card, as a home user would run them: 4 pairs of
+    <= 256 tokens with gradient checkpointing (16 x 256 tokens without it need ~40 GiB of
+    activations), and one stack per process: a bf16 8B model is 16 GB, two do not fit."""
+    return dataclasses.replace(b, rows=4, grad_ckpt=True, split=True)
 
 
 def quick(b: Bench) -> Bench:
@@ -175,6 +184,7 @@ def train_ours(b, dev):
     torch.manual_seed(b.seed)
     m = load_ours(b, dev, quantized=True)
     lora.add_lora(m, lora.LoRAConfig(r=b.lora_r))
+    m.grad_ckpt = b.grad_ckpt
     m.train()
     params = list(lora.lora_params(m).values())
     opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
@@ -193,6 +203,8 @@ def train_theirs(b, dev):
     from peft import LoraConfig, get_peft_model
     torch.manual_seed(b.seed)
     m = load_theirs(b, dev, quantized=True)
+    if b.grad_ckpt:
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     m = get_peft_model(m, LoraConfig(r=b.lora_r, lora_alpha=2 * b.lora_r, lora_dropout=0.0, target_modules=list(quant.LINEARS),
                                      task_type="CAUSAL_LM"))
     m.train()
@@ -304,46 +316,56 @@ def sample_theirs(b, m, prompts, pad, dev):
     return (out.shape[1] - T) * out.shape[0]
 
 
-def inference(b, dev):
-    """Scoring and sampling for both stacks in one process, alternating ours/theirs each round."""
+def inference(b, dev, stacks=("ours", "theirs")):
+    """Scoring and sampling in one process, alternating ours/theirs each round; with one stack
+    (b.split) that stack alone, the other's side of each job left out."""
     vocab, pad = vocab_and_pad(b)
     ids, resp, attn = batch_tensors(b, make_pairs(b, vocab, pad), pad, dev)
     tokens = int(attn.sum())
-    ours_q, theirs_q = load_ours(b, dev, True), load_theirs(b, dev, True)
+    ours_q = load_ours(b, dev, True) if "ours" in stacks else None
+    theirs_q = load_theirs(b, dev, True) if "theirs" in stacks else None
     # Kept in train mode (no dropout in Llama, and no grad here): in eval mode on AVX512-BF16 CPUs
     # bitsandbytes repacks the 4-bit weights for a kernel that computes in bf16, not the compute
     # dtype asked for. The "same computation" rows use fp32 on both sides; the extra row below
     # shows what that bf16 kernel gives.
-    theirs_q.train()
-    lp_ours, lp_theirs = score_ours(ours_q, ids, resp), score_theirs(theirs_q, ids, resp, attn)  # also warm-ups
-    jobs = {"scoring": (lambda: score_ours(ours_q, ids, resp), lambda: score_theirs(theirs_q, ids, resp, attn))}
+    if theirs_q is not None:
+        theirs_q.train()
+    on = lambda m, fn: None if m is None else fn  # noqa: E731 (a stack not in this process has no side)
+    logps = {"ours": on(ours_q, lambda: score_ours(ours_q, ids, resp).tolist()),
+             "theirs": on(theirs_q, lambda: score_theirs(theirs_q, ids, resp, attn).tolist())}
+    logps = {w: fn and fn() for w, fn in logps.items()}  # also the warm-ups
+    jobs = {"scoring": (on(ours_q, lambda: score_ours(ours_q, ids, resp)), on(theirs_q, lambda: score_theirs(theirs_q, ids, resp, attn)))}
     results = {}
     measure_rounds(b, dev, jobs, results, lambda out: tokens)
-    if dev.type == "cpu" and bf16_cpu_kernel():
+    if dev.type == "cpu" and bf16_cpu_kernel() and theirs_q is not None:
         theirs_q.eval()
         score_theirs(theirs_q, ids, resp, attn)  # repacks
         jobs = {"scoring, theirs in eval mode (bnb bf16 CPU kernel)": jobs["scoring"]}
         measure_rounds(b, dev, jobs, results, lambda out: tokens)
-    del ours_q, theirs_q
-    ours_f, theirs_f = load_ours(b, dev, False), load_theirs(b, dev, False).eval()
+    jobs = ours_q = theirs_q = None  # the 4-bit models go before the full-precision ones load
+    release_freed(dev)
+    ours_f = load_ours(b, dev, False) if "ours" in stacks else None
+    theirs_f = load_theirs(b, dev, False).eval() if "theirs" in stacks else None
     jobs = {}
     for n in b.gen_batches:
         prompts = prompts_for_sampling(b, vocab, n)
-        jobs[f"sampling batch {n}"] = (lambda p=prompts: sample_ours(b, ours_f, p, pad),
-                                       lambda p=prompts: sample_theirs(b, theirs_f, p, pad, dev))
+        jobs[f"sampling batch {n}"] = (on(ours_f, lambda p=prompts: sample_ours(b, ours_f, p, pad)),
+                                       on(theirs_f, lambda p=prompts: sample_theirs(b, theirs_f, p, pad, dev)))
     rows = {n * b.gen_tokens for n in b.gen_batches}
     short = dataclasses.replace(b, gen_tokens=2)
     for n in b.gen_batches:  # warm-up: a 2-token run of each
         p = prompts_for_sampling(b, vocab, n)
-        sample_ours(short, ours_f, p, pad), sample_theirs(short, theirs_f, p, pad, dev)
+        if ours_f is not None:
+            sample_ours(short, ours_f, p, pad)
+        if theirs_f is not None:
+            sample_theirs(short, theirs_f, p, pad, dev)
 
     def count(n_new):  # both stacks must sample every token asked for: no early stop
         if n_new not in rows:
             raise RuntimeError(f"sampling: {n_new} new tokens, not batch x {b.gen_tokens}: a stack stopped early")
         return n_new
     measure_rounds(b, dev, jobs, results, count)
-    return {"rates": results, "logp_max_abs_diff": (lp_ours.float() - lp_theirs.float()).abs().max().item(),
-            "logp_scale": lp_ours.abs().max().item()}
+    return {"rates": results, "logps": logps}
 
 
 def bf16_cpu_kernel():
@@ -358,6 +380,8 @@ def measure_rounds(b, dev, jobs, results, count):
             print(f"{time.strftime('%X')} {name}, round {r + 1}", file=sys.stderr, flush=True)
             order = [("ours", a), ("theirs", t)] if r % 2 == 0 else [("theirs", t), ("ours", a)]
             for who, fn in order:
+                if fn is None:  # that stack runs in its own process (b.split)
+                    continue
                 sync(dev)
                 t0 = time.perf_counter()
                 n = count(fn())
@@ -438,7 +462,9 @@ def worker(b, what, dev):
     print("RESULT " + json.dumps({**WORKERS[what](b, dev), "libs_mib": libs}), flush=True)
 
 
-WORKERS = {"train-ours": train_ours, "train-theirs": train_theirs, "inference": inference}
+WORKERS = {"train-ours": train_ours, "train-theirs": train_theirs, "inference": inference,
+           "inference-ours": functools.partial(inference, stacks=("ours",)),
+           "inference-theirs": functools.partial(inference, stacks=("theirs",))}
 
 
 def measure(b, dev, log=print, run=child):
@@ -452,7 +478,16 @@ def measure(b, dev, log=print, run=child):
             x["peak_above_libs_mib"] = x["peak_mib"] - x.get("libs_mib", 0.0)
             log(f"  train {who}, round {r + 1}: {x['tokens_per_s']:,.1f} tokens/s, peak {x['peak_mib']:,.0f} MiB "
                 f"({x['peak_above_libs_mib']:,.0f} MiB above the libraries)")
-    inf = run(b, "inference", dev)
+    if b.split:  # one stack per process; the rates and log-probs of the two put together
+        a, t = run(b, "inference-ours", dev), run(b, "inference-theirs", dev)
+        # (a row only theirs measures, bitsandbytes' eval-mode CPU kernel, is set against our scoring)
+        inf = {"rates": {k: {"ours": a["rates"].get(k, a["rates"]["scoring"])["ours"], "theirs": v["theirs"]}
+                         for k, v in t["rates"].items()},
+               "logps": {"ours": a["logps"]["ours"], "theirs": t["logps"]["theirs"]}}
+    else:
+        inf = run(b, "inference", dev)
+    lp_ours, lp_theirs = (torch.tensor(inf["logps"][w]) for w in ("ours", "theirs"))
+    inf["logp_max_abs_diff"], inf["logp_scale"] = (lp_ours - lp_theirs).abs().max().item(), lp_ours.abs().max().item()
     med = lambda xs: statistics.median(xs)
     rows = {"training step, tokens/s": tuple(med([x["tokens_per_s"] for x in train[w]]) for w in ("ours", "theirs")),
             "training step, peak memory MiB": tuple(med([x["peak_above_libs_mib"] for x in train[w]]) for w in ("ours", "theirs"))}
@@ -503,6 +538,7 @@ def run(b, dev):
     tables = []
     for name in models:
         bm = dataclasses.replace(b, model="" if name.startswith("embedded") else name)
+        bm = for_24gb(bm) if name == LLAMA3_8B else bm
         print(f"\n### {name}")
         rows, inf = measure(bm, dev)
         text = table(rows) + (f"\n\nscoring log-probs, ours vs theirs: max |diff| {inf['logp_max_abs_diff']:.2e} "
