@@ -211,3 +211,28 @@ def test_embedded_smollm2_logits_match_transformers_gguf_loader(smollm2_dir):
         got = ours(idx, mask)
     diff = (want - got)[mask].abs().max().item()
     assert diff <= 1e-3, diff
+
+
+def test_onednn_linear_equals_f_linear_forward_backward_and_follows_weight_updates():
+    """model.linear (oneDNN on CPU float32, packed weights kept on the module) against F.linear:
+    values, input and weight gradients; a weight changed in place is packed again."""
+    torch.manual_seed(0)
+    lin = M.Linear(64, 48).requires_grad_(False)  # frozen, as load_model leaves weights
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        assert (lin(x) - torch.nn.functional.linear(x, lin.weight)).abs().max().item() <= 1e-5
+        assert "_packed" in lin.__dict__  # no grad, frozen weight: the packed copy was used
+        lin.weight.mul_(2)  # in place: the packed copy must follow
+        assert (lin(x) - torch.nn.functional.linear(x, lin.weight)).abs().max().item() <= 1e-5
+    for trains in (False, True):  # frozen weight (LM head, sampler) and a trained one
+        lin.weight.requires_grad_(trains)
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        g = torch.randn(2, 5, 48)
+        lin(xa).backward(g)
+        gw = lin.weight.grad
+        lin.weight.grad = None
+        torch.nn.functional.linear(xb, lin.weight).backward(g)
+        assert (xa.grad - xb.grad).abs().max().item() <= 1e-5
+        if trains:
+            assert (gw - lin.weight.grad).abs().max().item() <= 1e-4
+        lin.weight.grad = None
