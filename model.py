@@ -770,45 +770,91 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     stops at its first stop id (which is kept in its output) or after max_new_tokens. The
     same seed gives the same samples. Returns a list of new-token lists.
     """
+    return generate_seeds(model, prompts, max_new_tokens, temperature, top_p, top_k, stop_ids, [seed], pad_id)[0]
+
+
+@torch.no_grad()
+def generate_seeds(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
+                   stop_ids=(), seeds=(None,), pad_id=0):
+    """generate() once per seed, the same prompts: a list with one result per seed, each equal
+    to generate(..., seed=that seed).
+
+    On CPU in float32 (oneDNN, whose rows do not depend on the other rows of a batch) the seeds
+    run as one batch of len(seeds) x len(prompts) rows: the prompts are prefilled once, their
+    KV cache copied to every seed's rows, and each decode step is one forward for all rows, each
+    seed's rows sampled with that seed's own generator, so every seed draws the random numbers
+    it would draw alone. Elsewhere, and for a single prompt (oneDNN's one-row product is
+    another kernel), the seeds run one after another.
+    """
     device = model.embed_tokens.weight.device
+    w = model.embed_tokens.weight
+    if len(seeds) > 1 and (len(prompts) == 1 or not onednn_ok(w, w)):
+        return [generate_seeds(model, prompts, max_new_tokens, temperature, top_p, top_k, stop_ids, [s], pad_id)[0]
+                for s in seeds]
     # Longest prompts first, so rows of similar length are neighbours and prefill() can run
     # them as blocks cut to their own longest prompt; results go back in the caller's order.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     prompts = [prompts[i] for i in order]
-    B, T = len(prompts), max(len(p) for p in prompts)
+    B, T, G = len(prompts), max(len(p) for p in prompts), len(seeds)
     idx = torch.full((B, T), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros(B, T, dtype=torch.bool, device=device)
     for i, p in enumerate(prompts):
         idx[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
         mask[i, T - len(p):] = True
-    gen = None
-    if seed is not None:
-        gen = torch.Generator(device=device).manual_seed(seed)
-    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
-    model.setup_cache(B, T + max_new_tokens)
+    gens = [None if s is None else torch.Generator(device=device).manual_seed(s) for s in seeds]
+    model.setup_cache(G * B, T + max_new_tokens)
     try:
         pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        logits = prefill(model, idx, mask, pos, [len(p) for p in prompts])
-        next_pos = pos[:, -1:] + 1
-        out = torch.zeros(B, 0, dtype=torch.long, device=device)
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        for step in range(max_new_tokens):
-            tok = sample_next(logits, temperature, top_p, top_k, gen)
-            tok = torch.where(done, torch.full_like(tok, pad_id), tok)
-            out = torch.cat([out, tok[:, None]], dim=1)
-            done = done | torch.isin(tok, stop)
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break
-            logits = model(tok[:, None], None, next_pos, slot=T + step)[:, -1].to(device)
-            next_pos = next_pos + 1
+        logits = prefill(model, idx, mask, pos, [len(p) for p in prompts])  # into rows 0..B-1
+        for layer in model.layers:  # every seed starts from the same prompt cache
+            c = layer.self_attn.cache
+            for g in range(1, G):
+                c.k[g * B:(g + 1) * B, :, :T].copy_(c.k[:B, :, :T])
+                c.v[g * B:(g + 1) * B, :, :T].copy_(c.v[:B, :, :T])
+        model.cache_valid[B:, :T] = model.cache_valid[:B, :T].repeat(G - 1, 1)
+        out = decode_n_tokens(model, logits.repeat(G, 1), (pos[:, -1:] + 1).repeat(G, 1), T, B, max_new_tokens,
+                              temperature, top_p, top_k, stop_ids, gens, pad_id)
     finally:
         model.clear_cache()
-    result = [None] * B
-    for i in range(B):
-        row = out[i].tolist()
-        hit = [j for j, t in enumerate(row) if t in set(stop_ids)]
-        result[order[i]] = row[:hit[0] + 1] if hit else row
-    return result
+    results = []
+    for g in range(G):
+        result = [None] * B
+        for i in range(B):
+            row = out[g * B + i].tolist()
+            hit = [j for j, t in enumerate(row) if t in set(stop_ids)]
+            result[order[i]] = row[:hit[0] + 1] if hit else row
+        results.append(result)
+    return results
+
+
+def decode_n_tokens(model, logits, next_pos, slot, B, n, temperature, top_p, top_k, stop_ids, gens, pad_id):
+    """The decode loop: sample a token for every row (rows g*B..(g+1)*B-1 with generator
+    gens[g]), write it, run the one-token forward over the cache from `slot`, until every row
+    has met a stop id or n tokens. A seed's rows stop drawing once they are all done, as they
+    would alone. Returns the (rows, steps) new tokens, pad_id after a row's stop."""
+    device = logits.device
+    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    rows = logits.shape[0]
+    out = torch.full((rows, n), pad_id, dtype=torch.long, device=device)
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    live = list(range(len(gens)))  # seeds with a row not done yet
+    for step in range(n):
+        tok = torch.full((rows,), pad_id, dtype=torch.long, device=device)
+        for g in live:
+            r = slice(g * B, (g + 1) * B)
+            tok[r] = torch.where(done[r], pad_id, sample_next(logits[r], temperature, top_p, top_k, gens[g]))
+        out[:, step] = tok
+        done = done | torch.isin(tok, stop)
+        live = [g for g in live if not bool(done[g * B:(g + 1) * B].all())]
+        if not live or step == n - 1:
+            return out[:, :step + 1]
+        logits = decode_one_token(model, tok, next_pos, slot + step)
+        next_pos = next_pos + 1
+
+
+def decode_one_token(model, tok, pos, slot):
+    """Last-position logits (rows, vocab) of one new token per row, written to the cache at slot."""
+    return model(tok[:, None], None, pos, slot=slot)[:, -1].to(pos.device)
 
 
 def length_groups(lengths, waste=0.15):

@@ -266,8 +266,8 @@ def sample(s, policy_dir, tok, rows, out_path, seeds, greedy=False, desc="genera
             every, at = ctx
             outs = [[o[at[r["id"]]] for r in chunk] for o in every]
         else:
-            outs = [M.generate(ctx, ids, s.max_new_tokens, temperature, s.top_p, s.top_k, tok.stop_ids,
-                               seed=seed * 1000 + c, pad_id=tok.pad_id) for seed in seeds]
+            outs = M.generate_seeds(ctx, ids, s.max_new_tokens, temperature, s.top_p, s.top_k, tok.stop_ids,
+                                    seeds=[seed * 1000 + c for seed in seeds], pad_id=tok.pad_id)
         lines = []
         for i, r in enumerate(chunk):
             # response_ids are exactly the sampled ids, the stop token that ended a response included

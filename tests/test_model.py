@@ -236,3 +236,22 @@ def test_onednn_linear_equals_f_linear_forward_backward_and_follows_weight_updat
         if trains:
             assert (gw - lin.weight.grad).abs().max().item() <= 1e-4
         lin.weight.grad = None
+
+
+def test_seeds_in_one_batch_equal_one_call_per_seed(tmp_path):
+    """generate_seeds runs K seeds as one batch (prefill once, per-seed generators): each seed's
+    samples are token for token those of generate(seed=...) alone, stops and early ends included."""
+    save_hf(tmp_path, LlamaForCausalLM, VARIANTS["llama_gqa_untied"][1]())
+    m = M.load_model(tmp_path)
+    prompts = [[5, 17, 33, 2, 9], [44, 3], [7, 7, 8, 90, 12, 61, 4, 5, 6], [11, 12, 13]]
+    seeds = [0, 50, 100]
+    for stops, kw in ((False, dict(temperature=1.0, top_p=0.9)), (True, dict(temperature=0.7, top_k=20)),
+                      (True, dict(temperature=0))):
+        free = M.generate(m, prompts, 12, seed=seeds[1], **kw)
+        stop_ids = (free[0][3], free[2][6]) if stops else ()  # tokens some rows do emit
+        alone = [M.generate(m, prompts, 12, stop_ids=stop_ids, seed=s, **kw) for s in seeds]
+        assert M.generate_seeds(m, prompts, 12, stop_ids=stop_ids, seeds=seeds, **kw) == alone
+        if stop_ids:  # rows ended early: the per-seed stopping is exercised
+            assert any(len(r) < 12 for a in alone for r in a)
+        one = [M.generate(m, prompts[:1], 12, stop_ids=stop_ids, seed=s, **kw) for s in seeds]
+        assert M.generate_seeds(m, prompts[:1], 12, stop_ids=stop_ids, seeds=seeds, **kw) == one
