@@ -351,10 +351,38 @@ class MLP(nn.Module):
         self.gate_proj = Linear(cfg.dim, cfg.ffn_dim)
         self.up_proj = Linear(cfg.dim, cfg.ffn_dim)
         self.down_proj = Linear(cfg.ffn_dim, cfg.dim)
-        self.act = ACTIVATIONS[cfg.hidden_act]  # SwiGLU, or Gemma's GeGLU
+        self.hidden_act = cfg.hidden_act  # SwiGLU, or Gemma's GeGLU
+        self.act = ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        g, u = self.gate_proj(x), self.up_proj(x)
+        if torch.is_grad_enabled() and (g.requires_grad or u.requires_grad):
+            return self.down_proj(GatedAct.apply(g, u, self.hidden_act))
+        return self.down_proj(self.act(g) * u)
+
+
+class GatedAct(torch.autograd.Function):
+    """act(g) * u keeping only g and u for backward, not act(g) too: a third of the MLP's saved
+    activations (ffn_dim floats per token per layer). act(g) is recomputed in backward, and the
+    gradients are the ones autograd computes for act(g) * u, by the same operations."""
+
+    @staticmethod
+    def forward(ctx, g, u, act):
+        ctx.save_for_backward(g, u)
+        ctx.act = act
+        return ACTIVATIONS[act](g) * u
+
+    @staticmethod
+    def backward(ctx, gy):
+        g, u = ctx.saved_tensors
+        gu = gy * ACTIVATIONS[ctx.act](g) if ctx.needs_input_grad[1] else None
+        gg = None
+        if ctx.needs_input_grad[0]:
+            if ctx.act == "silu":
+                gg = torch.ops.aten.silu_backward(gy * u, g)
+            else:
+                gg = torch.ops.aten.gelu_backward(gy * u, g, approximate="tanh")
+        return gg, gu, None
 
 
 class Block(nn.Module):

@@ -153,12 +153,13 @@ def workload(s, compute_bytes):
 def activation_bytes(cfg: M.Config, c):
     """Bytes one block keeps for backward per token, counted from the code (model.Block with
     LoRA on all seven linears): in the compute dtype, the normed inputs, q/k/v before and
-    after RoPE, the attention output, o_proj's input, the four (tokens x ffn) MLP tensors; in
+    after RoPE, the attention output, o_proj's input, three (tokens x ffn) MLP tensors (gate,
+    up and down_proj's input; act(gate) is recomputed in backward, model.GatedAct); in
     float32, both RMSNorms' upcast inputs. (LoRA's own inputs are the linears' inputs, already
     counted: under bf16 autocast LoRALinear leaves them in bf16.) tests/test_pipeline.py checks
     this against the bytes autograd actually saves (in float32; `make gpu-check` in bf16)."""
     d, kv, f = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.ffn_dim
-    return c * (2 * cfg.dim + 4 * d + 4 * kv + 4 * f) + 4 * 2 * cfg.dim
+    return c * (2 * cfg.dim + 4 * d + 4 * kv + 3 * f) + 4 * 2 * cfg.dim
 
 
 def stage_costs(cfg: M.Config, w: Workload):

@@ -255,3 +255,18 @@ def test_seeds_in_one_batch_equal_one_call_per_seed(tmp_path):
             assert any(len(r) < 12 for a in alone for r in a)
         one = [M.generate(m, prompts[:1], 12, stop_ids=stop_ids, seed=s, **kw) for s in seeds]
         assert M.generate_seeds(m, prompts[:1], 12, stop_ids=stop_ids, seeds=seeds, **kw) == one
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh"])
+def test_gated_activation_gradients_are_autograds_bit_for_bit(act):
+    """model.GatedAct (keeps g and u, recomputes act(g) in backward) gives exactly autograd's
+    value and gradients for act(g) * u."""
+    torch.manual_seed(0)
+    g, u, gy = torch.randn(3, 7, 40), torch.randn(3, 7, 40), torch.randn(3, 7, 40)
+    ga, ua = g.clone().requires_grad_(True), u.clone().requires_grad_(True)
+    gb, ub = g.clone().requires_grad_(True), u.clone().requires_grad_(True)
+    ya = M.GatedAct.apply(ga, ua, act)
+    yb = M.ACTIVATIONS[act](gb) * ub
+    ya.backward(gy)
+    yb.backward(gy)
+    assert torch.equal(ya, yb) and torch.equal(ga.grad, gb.grad) and torch.equal(ua.grad, ub.grad)
