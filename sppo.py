@@ -373,7 +373,8 @@ def make_pairs(s, tok, policy_dir, responses, judgments, out_path):
     # scored in training's first-epoch batches, as training will score them (see autocast)
     batches = [[pairs[i] for i in b] for b in batch_order(s, len(pairs))[:math.ceil(len(pairs) / s.batch_size)]]
     pairs = runs.in_chunks(pairs, batches, out_path, work, "pairs", "reference log-probs", "pair",
-                           setup=lambda todo: pipeline.micro_batched(pipeline.load(s, policy_dir, quantized=True), s.micro_batches))
+                           setup=lambda todo: pipeline.micro_batched(pipeline.load(s, policy_dir, quantized=True, keep=True),
+                                                                      s.micro_batches))
     print(f"  pairs: {len(pairs)} from {len(rows)} prompts; no pair: {stats}")
     return pairs
 
@@ -395,7 +396,7 @@ def train(s, tok, policy_dir, pairs, work_dir, adapter_dir, track=None, step_off
         raise RunError(f"{work_dir.parent}/pairs.jsonl has no pairs: nothing to train on")
     dev = pipeline.device_of(s)
     torch.manual_seed(s.seed)
-    model = pipeline.load(s, policy_dir, quantized=True)
+    model = pipeline.load(s, policy_dir, quantized=True)  # make_pairs' model when it just ran (keep=True)
     lora.add_lora(model, lora_config(s))
     model.grad_ckpt = s.grad_ckpt
     params = list(lora.lora_params(model).values())
