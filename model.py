@@ -246,7 +246,8 @@ def packed_weight(owner, name, w):
 
 class OneDNNLinear(torch.autograd.Function):
     """y = x w^T through oneDNN; dx = dy w through oneDNN (with a packed w^T when the weight is
-    frozen); dw = dy^T x by torch.matmul when the weight trains."""
+    frozen); dw = dy^T x, when the weight trains, by whichever of oneDNN and MKL is the faster
+    for its shape."""
 
     @staticmethod
     def forward(ctx, x, w, owner):
@@ -263,8 +264,10 @@ class OneDNNLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             wt = packed_weight(ctx.owner, "_packed_t", w.t()) if frozen else w.t()
             gx = mm_nt(gy.contiguous(), wt)
-        if ctx.needs_input_grad[1]:
-            gw = gy.reshape(-1, gy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+        if ctx.needs_input_grad[1]:  # (out, rows) @ (rows, in)
+            gy2, x2 = gy.reshape(-1, gy.shape[-1]), x.reshape(-1, x.shape[-1])
+            # oneDNN is the faster for a short output (LoRA's A: r x in), MKL for a short input (B: out x r)
+            gw = mm_nt(gy2.t(), x2.t()) if w.shape[0] <= w.shape[1] else gy2.t() @ x2
         return gx, gw, None
 
 
