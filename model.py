@@ -235,13 +235,30 @@ def mm_nt(x, w):
 
 def packed_weight(owner, name, w):
     """w in oneDNN's blocked layout, made once and kept on `owner` (not a parameter or buffer,
-    so state dicts are unchanged) until the tensor is replaced or modified in place."""
-    key = (w.data_ptr(), w._version, tuple(w.shape))
+    so state dicts are unchanged) until the tensor is replaced or modified in place. w may be a
+    list of weights with the same input size: their rows stacked, one product for all."""
+    ws = w if isinstance(w, (list, tuple)) else [w]
+    key = tuple((t.data_ptr(), t._version, tuple(t.shape), tuple(t.stride())) for t in ws)
     got = owner.__dict__.get(name)
     if got is None or got[0] != key:
-        got = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), None))
+        dense = torch.cat([t.detach() for t in ws]) if len(ws) > 1 else ws[0].detach().contiguous()
+        got = (key, torch.ops.mkldnn._reorder_linear_weight(dense, None))
         owner.__dict__[name] = got
     return got[1]
+
+
+def fused_linears(owner, name, x, *linears):
+    """The outputs of several plain frozen Linear layers on the same input as one oneDNN product
+    over their stacked weights (split back), or None where that does not apply (training, LoRA,
+    NF4, not CPU float32). Bit for bit the separate products: each output column is the same
+    dot product (tests/test_model.py), only the number of calls per token shrinks."""
+    if (x.requires_grad and torch.is_grad_enabled()) or not all(type(m) is Linear and not m.weight.requires_grad
+                                                                 for m in linears):
+        return None
+    ws = [m.weight for m in linears]
+    if not onednn_ok(x, ws[0]):
+        return None
+    return mm_nt(x, packed_weight(owner, name, ws)).split([w.shape[0] for w in ws], -1)
 
 
 class OneDNNLinear(torch.autograd.Function):
@@ -327,9 +344,11 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, slot=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        qkv = fused_linears(self, "_packed_qkv", x, self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = qkv or (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if slot is not None:
             k, v = self.cache.update(slot, k, v)
@@ -358,10 +377,12 @@ class MLP(nn.Module):
         self.act = ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x):
-        g, u = self.gate_proj(x), self.up_proj(x)
+        g, u = fused_linears(self, "_packed_gate_up", x, self.gate_proj, self.up_proj) or (self.gate_proj(x), self.up_proj(x))
         if torch.is_grad_enabled() and (g.requires_grad or u.requires_grad):
             return self.down_proj(GatedAct.apply(g, u, self.hidden_act))
-        return self.down_proj(self.act(g) * u)
+        # contiguous: g may be a column slice of fused_linears' output, and on a strided input
+        # silu/gelu take another kernel whose results differ in the last bit
+        return self.down_proj(self.act(g.contiguous()) * u)
 
 
 class GatedAct(torch.autograd.Function):

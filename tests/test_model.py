@@ -270,3 +270,32 @@ def test_gated_activation_gradients_are_autograds_bit_for_bit(act):
     ya.backward(gy)
     yb.backward(gy)
     assert torch.equal(ya, yb) and torch.equal(ga.grad, gb.grad) and torch.equal(ua.grad, ub.grad)
+
+
+def test_fused_projections_equal_separate_ones_bit_for_bit(tmp_path, monkeypatch):
+    """Sampling runs q/k/v and gate/up as one oneDNN product each over stacked packed weights:
+    the logits are exactly those of the separate products, and follow a weight changed in place."""
+    save_hf(tmp_path, LlamaForCausalLM, VARIANTS["llama_gqa_untied"][1]())
+    m = M.load_model(tmp_path)
+    idx, mask = padded_batch(97, [11, 7, 1, 11])
+    real = M.fused_linears
+
+    def separate():  # each linear on its own, packed afresh (no copy made before is reused)
+        for mod in m.modules():
+            for k in [k for k in mod.__dict__ if k.startswith("_packed")]:
+                del mod.__dict__[k]
+        monkeypatch.setattr(M, "fused_linears", lambda *a: None)
+        try:
+            return m(idx, mask)
+        finally:
+            monkeypatch.setattr(M, "fused_linears", real)
+
+    with torch.no_grad():
+        fused = m(idx, mask)
+        assert "_packed_qkv" in m.layers[0].self_attn.__dict__ and "_packed_gate_up" in m.layers[0].mlp.__dict__
+        assert torch.equal(fused, separate())
+        m(idx, mask)  # the stacked weights packed again, before they change
+        m.layers[1].mlp.up_proj.weight.mul_(1.5)
+        m.layers[2].self_attn.k_proj.weight.mul_(1.5)
+        fused = m(idx, mask)
+        assert torch.equal(fused, separate())
