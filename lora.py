@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import files
 import model as M
@@ -70,7 +69,7 @@ class LoRALinear(nn.Module):
         x = self.dropout(x)
         if not torch.is_autocast_enabled(x.device.type):  # under autocast the linears cast for themselves
             x = x.to(self.lora_A.dtype)
-        h = F.linear(F.linear(x, self.lora_A), self.lora_B)
+        h = M.linear(M.linear(x, self.lora_A), self.lora_B)  # oneDNN on CPU in float32 (model.linear)
         return y + (self.scaling * h).to(y.dtype)
 
     def delta(self):

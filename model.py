@@ -212,6 +212,102 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+# ----------------------------------------------------------------------------- CPU matmuls
+
+# On CPU in float32, torch's F.linear calls MKL's sgemm, which on AMD CPUs (this project's
+# EPYC machines) takes a slow generic path: oneDNN, which ships inside torch as well, runs the
+# same products 1.4x (one row, sampling) to 2.3x (batch 16 and training shapes) faster. Its
+# rows are also batch-invariant (a row's result does not depend on the other rows), MKL's are
+# not. Results differ from MKL's in the last bits (another summation order), as any two BLAS do.
+ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def onednn_ok(x, w):
+    # not under CPU autocast: there F.linear computes in bf16, and so must we
+    return (ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu"))
+
+
+def mm_nt(x, w):
+    """x @ w.T without autograd; w may be a oneDNN-packed weight (packed_weight)."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+
+
+def packed_weight(owner, name, w):
+    """w in oneDNN's blocked layout, made once and kept on `owner` (not a parameter or buffer,
+    so state dicts are unchanged) until the tensor is replaced or modified in place. w may be a
+    list of weights with the same input size: their rows stacked, one product for all."""
+    ws = w if isinstance(w, (list, tuple)) else [w]
+    key = tuple((t.data_ptr(), t._version, tuple(t.shape), tuple(t.stride())) for t in ws)
+    got = owner.__dict__.get(name)
+    if got is None or got[0] != key:
+        dense = torch.cat([t.detach() for t in ws]) if len(ws) > 1 else ws[0].detach().contiguous()
+        got = (key, torch.ops.mkldnn._reorder_linear_weight(dense, None))
+        owner.__dict__[name] = got
+    return got[1]
+
+
+def fused_linears(owner, name, x, *linears):
+    """The outputs of several plain frozen Linear layers on the same input as one oneDNN product
+    over their stacked weights (split back), or None where that does not apply (training, LoRA,
+    NF4, not CPU float32). Bit for bit the separate products: each output column is the same
+    dot product (tests/test_model.py), only the number of calls per token shrinks."""
+    if (x.requires_grad and torch.is_grad_enabled()) or not all(type(m) is Linear and not m.weight.requires_grad
+                                                                 for m in linears):
+        return None
+    ws = [m.weight for m in linears]
+    if not onednn_ok(x, ws[0]):
+        return None
+    return mm_nt(x, packed_weight(owner, name, ws)).split([w.shape[0] for w in ws], -1)
+
+
+class OneDNNLinear(torch.autograd.Function):
+    """y = x w^T through oneDNN; dx = dy w through oneDNN (with a packed w^T when the weight is
+    frozen); dw = dy^T x, when the weight trains, by whichever of oneDNN and MKL is the faster
+    for its shape."""
+
+    @staticmethod
+    def forward(ctx, x, w, owner):
+        ctx.owner = owner
+        ctx.save_for_backward(x if w.requires_grad else None, w)
+        frozen = owner is not None and not w.requires_grad
+        return mm_nt(x, packed_weight(owner, "_packed", w) if frozen else w)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w = ctx.saved_tensors
+        frozen = ctx.owner is not None and not w.requires_grad
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            wt = packed_weight(ctx.owner, "_packed_t", w.t()) if frozen else w.t()
+            gx = mm_nt(gy.contiguous(), wt)
+        if ctx.needs_input_grad[1]:  # (out, rows) @ (rows, in)
+            gy2, x2 = gy.reshape(-1, gy.shape[-1]), x.reshape(-1, x.shape[-1])
+            # oneDNN is the faster for a short output (LoRA's A: r x in), MKL for a short input (B: out x r)
+            gw = mm_nt(gy2.t(), x2.t()) if w.shape[0] <= w.shape[1] else gy2.t() @ x2
+        return gx, gw, None
+
+
+def linear(x, w, owner=None):
+    """F.linear(x, w) (no bias), through oneDNN on CPU in float32. owner (a module) keeps the
+    weight's packed copies when the weight is frozen; without it the weight is used as it is."""
+    if not onednn_ok(x, w):
+        return F.linear(x, w)
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+        return OneDNNLinear.apply(x, w, owner)
+    return mm_nt(x, packed_weight(owner, "_packed", w) if owner is not None and not w.requires_grad else w)
+
+
+class Linear(nn.Linear):
+    """nn.Linear without bias, its product through `linear` (oneDNN on CPU)."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x):
+        return linear(x, self.weight, self)
+
+
 class KVCache(nn.Module):
     """A preallocated cache (gpt-fast style): writes in place, never grows or copies."""
 
@@ -239,18 +335,20 @@ class Attention(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.q_proj = Linear(cfg.dim, cfg.n_heads * cfg.head_dim)
+        self.k_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim)
+        self.v_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim)
+        self.o_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.dim)
         self.scale = None  # SDPA's 1/sqrt(head_dim)
         self.cache = None
 
     def forward(self, x, cos, sin, mask, slot=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        qkv = fused_linears(self, "_packed_qkv", x, self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = qkv or (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if slot is not None:
             k, v = self.cache.update(slot, k, v)
@@ -272,13 +370,43 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
-        self.act = ACTIVATIONS[cfg.hidden_act]  # SwiGLU, or Gemma's GeGLU
+        self.gate_proj = Linear(cfg.dim, cfg.ffn_dim)
+        self.up_proj = Linear(cfg.dim, cfg.ffn_dim)
+        self.down_proj = Linear(cfg.ffn_dim, cfg.dim)
+        self.hidden_act = cfg.hidden_act  # SwiGLU, or Gemma's GeGLU
+        self.act = ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        g, u = fused_linears(self, "_packed_gate_up", x, self.gate_proj, self.up_proj) or (self.gate_proj(x), self.up_proj(x))
+        if torch.is_grad_enabled() and (g.requires_grad or u.requires_grad):
+            return self.down_proj(GatedAct.apply(g, u, self.hidden_act))
+        # contiguous: g may be a column slice of fused_linears' output, and on a strided input
+        # silu/gelu take another kernel whose results differ in the last bit
+        return self.down_proj(self.act(g.contiguous()) * u)
+
+
+class GatedAct(torch.autograd.Function):
+    """act(g) * u keeping only g and u for backward, not act(g) too: a third of the MLP's saved
+    activations (ffn_dim floats per token per layer). act(g) is recomputed in backward, and the
+    gradients are the ones autograd computes for act(g) * u, by the same operations."""
+
+    @staticmethod
+    def forward(ctx, g, u, act):
+        ctx.save_for_backward(g, u)
+        ctx.act = act
+        return ACTIVATIONS[act](g) * u
+
+    @staticmethod
+    def backward(ctx, gy):
+        g, u = ctx.saved_tensors
+        gu = gy * ACTIVATIONS[ctx.act](g) if ctx.needs_input_grad[1] else None
+        gg = None
+        if ctx.needs_input_grad[0]:
+            if ctx.act == "silu":
+                gg = torch.ops.aten.silu_backward(gy * u, g)
+            else:
+                gg = torch.ops.aten.gelu_backward(gy * u, g, approximate="tanh")
+        return gg, gu, None
 
 
 class Block(nn.Module):
@@ -326,7 +454,7 @@ class Transformer(nn.Module):
         self.embed_tokens = self.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(self.Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = self.Norm(cfg.dim, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.dim, cfg.vocab_size)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
@@ -694,45 +822,91 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     stops at its first stop id (which is kept in its output) or after max_new_tokens. The
     same seed gives the same samples. Returns a list of new-token lists.
     """
+    return generate_seeds(model, prompts, max_new_tokens, temperature, top_p, top_k, stop_ids, [seed], pad_id)[0]
+
+
+@torch.no_grad()
+def generate_seeds(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
+                   stop_ids=(), seeds=(None,), pad_id=0):
+    """generate() once per seed, the same prompts: a list with one result per seed, each equal
+    to generate(..., seed=that seed).
+
+    On CPU in float32 (oneDNN, whose rows do not depend on the other rows of a batch) the seeds
+    run as one batch of len(seeds) x len(prompts) rows: the prompts are prefilled once, their
+    KV cache copied to every seed's rows, and each decode step is one forward for all rows, each
+    seed's rows sampled with that seed's own generator, so every seed draws the random numbers
+    it would draw alone. Elsewhere, and for a single prompt (oneDNN's one-row product is
+    another kernel), the seeds run one after another.
+    """
     device = model.embed_tokens.weight.device
+    w = model.embed_tokens.weight
+    if len(seeds) > 1 and (len(prompts) == 1 or not onednn_ok(w, w)):
+        return [generate_seeds(model, prompts, max_new_tokens, temperature, top_p, top_k, stop_ids, [s], pad_id)[0]
+                for s in seeds]
     # Longest prompts first, so rows of similar length are neighbours and prefill() can run
     # them as blocks cut to their own longest prompt; results go back in the caller's order.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     prompts = [prompts[i] for i in order]
-    B, T = len(prompts), max(len(p) for p in prompts)
+    B, T, G = len(prompts), max(len(p) for p in prompts), len(seeds)
     idx = torch.full((B, T), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros(B, T, dtype=torch.bool, device=device)
     for i, p in enumerate(prompts):
         idx[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
         mask[i, T - len(p):] = True
-    gen = None
-    if seed is not None:
-        gen = torch.Generator(device=device).manual_seed(seed)
-    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
-    model.setup_cache(B, T + max_new_tokens)
+    gens = [None if s is None else torch.Generator(device=device).manual_seed(s) for s in seeds]
+    model.setup_cache(G * B, T + max_new_tokens)
     try:
         pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        logits = prefill(model, idx, mask, pos, [len(p) for p in prompts])
-        next_pos = pos[:, -1:] + 1
-        out = torch.zeros(B, 0, dtype=torch.long, device=device)
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        for step in range(max_new_tokens):
-            tok = sample_next(logits, temperature, top_p, top_k, gen)
-            tok = torch.where(done, torch.full_like(tok, pad_id), tok)
-            out = torch.cat([out, tok[:, None]], dim=1)
-            done = done | torch.isin(tok, stop)
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break
-            logits = model(tok[:, None], None, next_pos, slot=T + step)[:, -1].to(device)
-            next_pos = next_pos + 1
+        logits = prefill(model, idx, mask, pos, [len(p) for p in prompts])  # into rows 0..B-1
+        for layer in model.layers:  # every seed starts from the same prompt cache
+            c = layer.self_attn.cache
+            for g in range(1, G):
+                c.k[g * B:(g + 1) * B, :, :T].copy_(c.k[:B, :, :T])
+                c.v[g * B:(g + 1) * B, :, :T].copy_(c.v[:B, :, :T])
+        model.cache_valid[B:, :T] = model.cache_valid[:B, :T].repeat(G - 1, 1)
+        out = decode_n_tokens(model, logits.repeat(G, 1), (pos[:, -1:] + 1).repeat(G, 1), T, B, max_new_tokens,
+                              temperature, top_p, top_k, stop_ids, gens, pad_id)
     finally:
         model.clear_cache()
-    result = [None] * B
-    for i in range(B):
-        row = out[i].tolist()
-        hit = [j for j, t in enumerate(row) if t in set(stop_ids)]
-        result[order[i]] = row[:hit[0] + 1] if hit else row
-    return result
+    results = []
+    for g in range(G):
+        result = [None] * B
+        for i in range(B):
+            row = out[g * B + i].tolist()
+            hit = [j for j, t in enumerate(row) if t in set(stop_ids)]
+            result[order[i]] = row[:hit[0] + 1] if hit else row
+        results.append(result)
+    return results
+
+
+def decode_n_tokens(model, logits, next_pos, slot, B, n, temperature, top_p, top_k, stop_ids, gens, pad_id):
+    """The decode loop: sample a token for every row (rows g*B..(g+1)*B-1 with generator
+    gens[g]), write it, run the one-token forward over the cache from `slot`, until every row
+    has met a stop id or n tokens. A seed's rows stop drawing once they are all done, as they
+    would alone. Returns the (rows, steps) new tokens, pad_id after a row's stop."""
+    device = logits.device
+    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    rows = logits.shape[0]
+    out = torch.full((rows, n), pad_id, dtype=torch.long, device=device)
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    live = list(range(len(gens)))  # seeds with a row not done yet
+    for step in range(n):
+        tok = torch.full((rows,), pad_id, dtype=torch.long, device=device)
+        for g in live:
+            r = slice(g * B, (g + 1) * B)
+            tok[r] = torch.where(done[r], pad_id, sample_next(logits[r], temperature, top_p, top_k, gens[g]))
+        out[:, step] = tok
+        done = done | torch.isin(tok, stop)
+        live = [g for g in live if not bool(done[g * B:(g + 1) * B].all())]
+        if not live or step == n - 1:
+            return out[:, :step + 1]
+        logits = decode_one_token(model, tok, next_pos, slot + step)
+        next_pos = next_pos + 1
+
+
+def decode_one_token(model, tok, pos, slot):
+    """Last-position logits (rows, vocab) of one new token per row, written to the cache at slot."""
+    return model(tok[:, None], None, pos, slot=slot)[:, -1].to(pos.device)
 
 
 def length_groups(lengths, waste=0.15):

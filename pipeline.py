@@ -48,8 +48,17 @@ def run_plan(s, path):
     return plan(M.Config.from_hf(path), devices, workload(s, torch.finfo(compute_dtype(device_of(s))).bits // 8), caps)
 
 
-def load(s, path, quantized=False):
-    """pi_t on the device(s): bf16/fp32 for sampling, NF4 for scoring and training."""
+def load(s, path, quantized=False, keep=False):
+    """pi_t on the device(s): bf16/fp32 for sampling, NF4 for scoring and training.
+
+    keep=True also keeps the quantized model for the next quantized load of the same path,
+    which takes it (quantizing SmolLM2 takes seconds): the reference scoring's frozen NF4 pi_t
+    is the very model training then adapts. Quantizing consumes no random numbers, so a kept
+    and a fresh model give the same run."""
+    key = (str(path), s.quant_type, s.device, s.devices)
+    if quantized and load.kept and load.kept[0] == key:
+        m, load.kept = load.kept[1], None
+        return m
     dev, where, bounds = device_of(s), device_of(s), None
     if s.devices:
         bounds, _ = run_plan(s, path)
@@ -59,7 +68,11 @@ def load(s, path, quantized=False):
     else:
         m = M.load_model(path, compute_dtype(dev), where)
     m.stage_bounds = bounds
+    load.kept = (key, m) if quantized and keep else None
     return m
+
+
+load.kept = None
 
 
 def device_map(bounds, devices):
@@ -153,12 +166,13 @@ def workload(s, compute_bytes):
 def activation_bytes(cfg: M.Config, c):
     """Bytes one block keeps for backward per token, counted from the code (model.Block with
     LoRA on all seven linears): in the compute dtype, the normed inputs, q/k/v before and
-    after RoPE, the attention output, o_proj's input, the four (tokens x ffn) MLP tensors; in
+    after RoPE, the attention output, o_proj's input, three (tokens x ffn) MLP tensors (gate,
+    up and down_proj's input; act(gate) is recomputed in backward, model.GatedAct); in
     float32, both RMSNorms' upcast inputs. (LoRA's own inputs are the linears' inputs, already
     counted: under bf16 autocast LoRALinear leaves them in bf16.) tests/test_pipeline.py checks
     this against the bytes autograd actually saves (in float32; `make gpu-check` in bf16)."""
     d, kv, f = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.ffn_dim
-    return c * (2 * cfg.dim + 4 * d + 4 * kv + 4 * f) + 4 * 2 * cfg.dim
+    return c * (2 * cfg.dim + 4 * d + 4 * kv + 3 * f) + 4 * 2 * cfg.dim
 
 
 def stage_costs(cfg: M.Config, w: Workload):

@@ -26,9 +26,11 @@ LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 class NF4Linear(nn.Module):
     """A frozen linear layer stored in 4 bits (bitsandbytes NF4, blocks of 64, double quant).
 
-    We call bnb.matmul_4bit on the packed weight ourselves instead of using bnb.nn.Linear4bit:
-    on CPUs with AVX512-BF16, Linear4bit in eval mode repacks its weight into another layout,
-    and a backward after that silently yields no input gradient (LoRA would stop learning).
+    We multiply by the packed weight ourselves instead of using bnb.nn.Linear4bit: on CPUs with
+    AVX512-BF16, Linear4bit in eval mode repacks its weight into another layout, and a backward
+    after that silently yields no input gradient (LoRA would stop learning). On CPU in float32
+    the product is NF4Matmul (bitsandbytes' dequantization, oneDNN's matmul), elsewhere
+    bnb.matmul_4bit.
     """
 
     def __init__(self, weight, compute_dtype=torch.float32, quant_type="nf4", double_quant=True, blocksize=64):
@@ -40,11 +42,30 @@ class NF4Linear(nn.Module):
         self.register_buffer("qweight", q)  # a buffer: frozen, never seen by the optimizer
 
     def forward(self, x):
-        y = bnb.matmul_4bit(x.to(self.compute_dtype), self.qweight.t(), quant_state=self.quant_state)
+        x = x.to(self.compute_dtype)
+        if M.onednn_ok(x, x):  # CPU, float32 (the weight is dequantized to x's dtype): see NF4Matmul
+            y = NF4Matmul.apply(x, self) if torch.is_grad_enabled() and x.requires_grad else M.mm_nt(x, self.dequantize(x.dtype))
+        else:
+            y = bnb.matmul_4bit(x, self.qweight.t(), quant_state=self.quant_state)
         return y.to(x.dtype)
 
-    def dequantize(self):
-        return bnbf.dequantize_4bit(self.qweight, self.quant_state)
+    def block_scales(self):
+        """The per-block absmax in float32. With double quant bitsandbytes stores them in 8 bits
+        and decodes them on every call; they never change, so ours are decoded once and kept
+        (4 bytes per 64 weights: 6 MiB for SmolLM2-135M)."""
+        qs = self.quant_state
+        if not qs.nested:
+            return qs.absmax
+        if "_absmax" not in self.__dict__:
+            self.__dict__["_absmax"] = bnbf.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
+        return self.__dict__["_absmax"]
+
+    def dequantize(self, dtype=None):
+        """The float weight (out, in), exactly as bitsandbytes dequantizes it (in the dtype it was
+        quantized from, or dtype)."""
+        qs = self.quant_state
+        return torch.ops.bitsandbytes.dequantize_4bit(self.qweight, self.block_scales(), qs.blocksize, qs.quant_type,
+                                                      qs.shape, dtype or qs.dtype)
 
     def nbytes(self):
         qs = self.quant_state
@@ -53,6 +74,23 @@ class NF4Linear(nn.Module):
         if qs.nested:  # double quant: absmax itself stored in 8 bits with its own fp32 scales
             n += qs.state2.absmax.numel() * 4 + qs.state2.code.numel() * 4
         return n
+
+
+class NF4Matmul(torch.autograd.Function):
+    """x W^T for a frozen NF4 weight on CPU in float32: the weight is dequantized (bitsandbytes'
+    kernel, block scales decoded once per layer) and multiplied through oneDNN (model.mm_nt), in
+    forward and again in backward. Nothing of the weight is kept between the two: a float copy
+    of every linear would cost more memory (4 bytes per weight) than dequantizing twice costs
+    time (under 1% of a training step)."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        return M.mm_nt(x, layer.dequantize(x.dtype))
+
+    @staticmethod
+    def backward(ctx, gy):
+        return M.mm_nt(gy.contiguous(), ctx.layer.dequantize(gy.dtype).t()), None
 
 
 # ----------------------------------------------------------------------------- quantized loading

@@ -274,8 +274,8 @@ def sample(s, policy_dir, tok, rows, out_path, seeds, greedy=False, desc="genera
             every, at = ctx
             outs = [[o[at[r["id"]]] for r in chunk] for o in every]
         else:
-            outs = [M.generate(ctx, ids, s.max_new_tokens, temperature, s.top_p, s.top_k, tok.stop_ids,
-                               seed=seed * 1000 + c, pad_id=tok.pad_id) for seed in seeds]
+            outs = M.generate_seeds(ctx, ids, s.max_new_tokens, temperature, s.top_p, s.top_k, tok.stop_ids,
+                                    seeds=[seed * 1000 + c for seed in seeds], pad_id=tok.pad_id)
         lines = []
         for i, r in enumerate(chunk):
             # response_ids are exactly the sampled ids, the stop token that ended a response included
@@ -381,7 +381,8 @@ def make_pairs(s, tok, policy_dir, responses, judgments, out_path):
     # scored in training's first-epoch batches, as training will score them (see autocast)
     batches = [[pairs[i] for i in b] for b in batch_order(s, len(pairs))[:math.ceil(len(pairs) / s.batch_size)]]
     pairs = runs.in_chunks(pairs, batches, out_path, work, "pairs", "reference log-probs", "pair",
-                           setup=lambda todo: pipeline.micro_batched(pipeline.load(s, policy_dir, quantized=True), s.micro_batches))
+                           setup=lambda todo: pipeline.micro_batched(pipeline.load(s, policy_dir, quantized=True, keep=True),
+                                                                      s.micro_batches))
     print(f"  pairs: {len(pairs)} from {len(rows)} prompts; no pair: {stats}")
     return pairs
 
@@ -403,7 +404,7 @@ def train(s, tok, policy_dir, pairs, work_dir, adapter_dir, track=None, step_off
         raise RunError(f"{work_dir.parent}/pairs.jsonl has no pairs: nothing to train on")
     dev = pipeline.device_of(s)
     torch.manual_seed(s.seed)
-    model = pipeline.load(s, policy_dir, quantized=True)
+    model = pipeline.load(s, policy_dir, quantized=True)  # make_pairs' model when it just ran (keep=True)
     lora.add_lora(model, lora_config(s))
     model.grad_ckpt = s.grad_ckpt
     params = list(lora.lora_params(model).values())

@@ -41,9 +41,11 @@ def stages_up_to_pairs(s, tok, it):
 
 
 def test_no_model_outlives_its_stage_even_without_the_garbage_collector(tiny, tmp_path, monkeypatch):
-    """Every model a stage loads (the sampler's, the reference's, the trained NF4 copy) is gone
-    by reference counting alone when the stage function returns: no cycle keeps it (the old
-    gradient-checkpointing lambda did), so its GPU memory is free for the next stage or vLLM."""
+    """Every model a stage loads (the sampler's, the trained NF4 copy) is gone by reference
+    counting alone when the stage function returns: no cycle keeps it (the old
+    gradient-checkpointing lambda did), so its GPU memory is free for the next stage or vLLM.
+    The one model handed on is the reference's NF4 pi_t, held only by pipeline.load for the
+    next stage, training, which takes it (keep=True) and frees it like its own."""
     s = settings(tiny, tmp_path, "--grad-ckpt")
     tok = data.Tokenizer.from_dir(s.model)
     loaded, real_load = [], pipeline.load
@@ -60,9 +62,11 @@ def test_no_model_outlives_its_stage_even_without_the_garbage_collector(tiny, tm
     gc.disable()
     try:
         pairs = stages_up_to_pairs(s, tok, it)
-        assert len(loaded) == 2 and all(r() is None for r in loaded), "sampler or reference model survived"
+        assert len(loaded) == 2 and loaded[0]() is None, "the sampler survived its stage"
+        assert pipeline.load.kept[1] is loaded[1](), "the reference model is not handed to training"
         sppo.train(s, tok, Path(s.model), pairs, it / "train", it / "adapter")
         assert len(loaded) == 3 and loaded[2]() is None, "the trained model survived train()"
+        assert loaded[1]() is None and pipeline.load.kept is None, "the reference model survived train()"
     finally:
         gc.enable()
 

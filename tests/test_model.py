@@ -211,3 +211,91 @@ def test_embedded_smollm2_logits_match_transformers_gguf_loader(smollm2_dir):
         got = ours(idx, mask)
     diff = (want - got)[mask].abs().max().item()
     assert diff <= 1e-3, diff
+
+
+def test_onednn_linear_equals_f_linear_forward_backward_and_follows_weight_updates():
+    """model.linear (oneDNN on CPU float32, packed weights kept on the module) against F.linear:
+    values, input and weight gradients; a weight changed in place is packed again."""
+    torch.manual_seed(0)
+    lin = M.Linear(64, 48).requires_grad_(False)  # frozen, as load_model leaves weights
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        assert (lin(x) - torch.nn.functional.linear(x, lin.weight)).abs().max().item() <= 1e-5
+        assert "_packed" in lin.__dict__  # no grad, frozen weight: the packed copy was used
+        lin.weight.mul_(2)  # in place: the packed copy must follow
+        assert (lin(x) - torch.nn.functional.linear(x, lin.weight)).abs().max().item() <= 1e-5
+    for trains in (False, True):  # frozen weight (LM head, sampler) and a trained one
+        lin.weight.requires_grad_(trains)
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        g = torch.randn(2, 5, 48)
+        lin(xa).backward(g)
+        gw = lin.weight.grad
+        lin.weight.grad = None
+        torch.nn.functional.linear(xb, lin.weight).backward(g)
+        assert (xa.grad - xb.grad).abs().max().item() <= 1e-5
+        if trains:
+            assert (gw - lin.weight.grad).abs().max().item() <= 1e-4
+        lin.weight.grad = None
+
+
+def test_seeds_in_one_batch_equal_one_call_per_seed(tmp_path):
+    """generate_seeds runs K seeds as one batch (prefill once, per-seed generators): each seed's
+    samples are token for token those of generate(seed=...) alone, stops and early ends included."""
+    save_hf(tmp_path, LlamaForCausalLM, VARIANTS["llama_gqa_untied"][1]())
+    m = M.load_model(tmp_path)
+    prompts = [[5, 17, 33, 2, 9], [44, 3], [7, 7, 8, 90, 12, 61, 4, 5, 6], [11, 12, 13]]
+    seeds = [0, 50, 100]
+    for stops, kw in ((False, dict(temperature=1.0, top_p=0.9)), (True, dict(temperature=0.7, top_k=20)),
+                      (True, dict(temperature=0))):
+        free = M.generate(m, prompts, 12, seed=seeds[1], **kw)
+        stop_ids = (free[0][3], free[2][6]) if stops else ()  # tokens some rows do emit
+        alone = [M.generate(m, prompts, 12, stop_ids=stop_ids, seed=s, **kw) for s in seeds]
+        assert M.generate_seeds(m, prompts, 12, stop_ids=stop_ids, seeds=seeds, **kw) == alone
+        if stop_ids:  # rows ended early: the per-seed stopping is exercised
+            assert any(len(r) < 12 for a in alone for r in a)
+        one = [M.generate(m, prompts[:1], 12, stop_ids=stop_ids, seed=s, **kw) for s in seeds]
+        assert M.generate_seeds(m, prompts[:1], 12, stop_ids=stop_ids, seeds=seeds, **kw) == one
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh"])
+def test_gated_activation_gradients_are_autograds_bit_for_bit(act):
+    """model.GatedAct (keeps g and u, recomputes act(g) in backward) gives exactly autograd's
+    value and gradients for act(g) * u."""
+    torch.manual_seed(0)
+    g, u, gy = torch.randn(3, 7, 40), torch.randn(3, 7, 40), torch.randn(3, 7, 40)
+    ga, ua = g.clone().requires_grad_(True), u.clone().requires_grad_(True)
+    gb, ub = g.clone().requires_grad_(True), u.clone().requires_grad_(True)
+    ya = M.GatedAct.apply(ga, ua, act)
+    yb = M.ACTIVATIONS[act](gb) * ub
+    ya.backward(gy)
+    yb.backward(gy)
+    assert torch.equal(ya, yb) and torch.equal(ga.grad, gb.grad) and torch.equal(ua.grad, ub.grad)
+
+
+def test_fused_projections_equal_separate_ones_bit_for_bit(tmp_path, monkeypatch):
+    """Sampling runs q/k/v and gate/up as one oneDNN product each over stacked packed weights:
+    the logits are exactly those of the separate products, and follow a weight changed in place."""
+    save_hf(tmp_path, LlamaForCausalLM, VARIANTS["llama_gqa_untied"][1]())
+    m = M.load_model(tmp_path)
+    idx, mask = padded_batch(97, [11, 7, 1, 11])
+    real = M.fused_linears
+
+    def separate():  # each linear on its own, packed afresh (no copy made before is reused)
+        for mod in m.modules():
+            for k in [k for k in mod.__dict__ if k.startswith("_packed")]:
+                del mod.__dict__[k]
+        monkeypatch.setattr(M, "fused_linears", lambda *a: None)
+        try:
+            return m(idx, mask)
+        finally:
+            monkeypatch.setattr(M, "fused_linears", real)
+
+    with torch.no_grad():
+        fused = m(idx, mask)
+        assert "_packed_qkv" in m.layers[0].self_attn.__dict__ and "_packed_gate_up" in m.layers[0].mlp.__dict__
+        assert torch.equal(fused, separate())
+        m(idx, mask)  # the stacked weights packed again, before they change
+        m.layers[1].mlp.up_proj.weight.mul_(1.5)
+        m.layers[2].self_attn.k_proj.weight.mul_(1.5)
+        fused = m(idx, mask)
+        assert torch.equal(fused, separate())

@@ -177,3 +177,43 @@ def test_merge_writes_a_bf16_checkpoint_in_bf16_that_transformers_loads_as_bf16(
     L.merge_lora(base, ours, tmp_path / "merged32", dtype=torch.float32)
     assert {v.dtype for f in (tmp_path / "merged32").glob("*.safetensors") for v in load_file(f).values()} == {torch.float32}
     assert json.loads((tmp_path / "merged32" / "config.json").read_text())["dtype"] == "float32"
+
+
+def test_nf4_matmul_forward_and_backward_equal_bitsandbytes():
+    """Our CPU path (bitsandbytes' dequantize with block scales decoded once, product through
+    oneDNN, dequantized again in backward) against bnb.matmul_4bit: outputs and the input
+    gradient within float32 rounding, on a double-quant weight and on a plain one."""
+    torch.manual_seed(0)
+    for double_quant in (True, False):
+        layer = Q.NF4Linear(torch.randn(320, 192), torch.float32, double_quant=double_quant)
+        assert torch.equal(layer.dequantize(), bnbf.dequantize_4bit(layer.qweight, layer.quant_state))
+        x = torch.randn(3, 50, 192, requires_grad=True)
+        x2 = x.detach().clone().requires_grad_(True)
+        y = layer(x)
+        ref = bnb.matmul_4bit(x2, layer.qweight.t(), quant_state=layer.quant_state)
+        assert y.grad_fn is not None and (y - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+        g = torch.randn_like(y)
+        y.backward(g)
+        ref.backward(g)
+        assert (x.grad - x2.grad).abs().max().item() <= 1e-5 * x2.grad.abs().max().item()
+        with torch.no_grad():  # the no-grad path (scoring, sampling) gives the forward's values
+            assert torch.equal(layer(x), y)
+
+
+def test_lora_gradients_through_nf4_equal_bitsandbytes_path(monkeypatch):
+    """A LoRA layer on an NF4 base trains the same through our product as through bnb.matmul_4bit."""
+    torch.manual_seed(0)
+    layer = L.LoRALinear(Q.NF4Linear(torch.randn(96, 128), torch.float32), r=4, alpha=8)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(2, 9, 128)
+    grads = []
+    for onednn in (True, False):  # False: the bitsandbytes and F.linear path of before
+        monkeypatch.setattr(M, "ONEDNN", onednn)
+        h = layer(x.requires_grad_(True))
+        (h.square().sum()).backward()
+        grads.append([layer.lora_A.grad.clone(), layer.lora_B.grad.clone(), x.grad.clone()])
+        layer.zero_grad()
+        x = x.detach()
+    for a, b in zip(*grads):
+        assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item()

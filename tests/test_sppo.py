@@ -243,10 +243,13 @@ def test_length_groups_cover_every_row_once_and_bound_padding():
     assert M.length_groups([50] * 4) == [[0, 1, 2, 3]]
 
 
-def test_reference_logps_are_frozen_and_differ_from_trained_policy(tiny_setup, tmp_path):
+def test_reference_logps_are_frozen_and_differ_from_trained_policy(tiny_setup, tmp_path, monkeypatch):
     import data
     import lora
+    import pipeline
     import quant
+    quantized = []  # the scoring's NF4 pi_t is kept for training: one quantization per iteration
+    monkeypatch.setattr(quant, "quantize_model", lambda *a, _f=quant.quantize_model, **k: quantized.append(a[0]) or _f(*a, **k))
     s = sppo.parse_args(run_args(tiny_setup, tmp_path) + ["--lr", "5e-2", "--eta", "4"])
     tok = data.Tokenizer.from_dir(s.model)
     rows, _ = data.load_prompts(s.prompts)
@@ -257,6 +260,7 @@ def test_reference_logps_are_frozen_and_differ_from_trained_policy(tiny_setup, t
     judgments = sppo.judge_responses(s, tok, rows, responses, it / "judgments.jsonl")
     pairs = sppo.make_pairs(s, tok, Path(s.model), responses, judgments, it / "pairs.jsonl")
     assert pairs, "the tiny setup must give some pairs"
+    assert quantized == [Path(s.model)] and pipeline.load.kept is not None
     before = (it / "pairs.jsonl").read_bytes()
     # the reference is the frozen base: recompute it independently with the plain fp32-loaded
     # model quantized the same way and no adapter
@@ -268,7 +272,9 @@ def test_reference_logps_are_frozen_and_differ_from_trained_policy(tiny_setup, t
     stored = torch.tensor([p["ref_chosen_logp"] for p in pairs] + [p["ref_rejected_logp"] for p in pairs])
     assert torch.allclose(ref, stored, atol=1e-4)
     (it / "train").mkdir()
+    quantized.clear()
     sppo.train(s, tok, Path(s.model), pairs, it / "train", it / "adapter")
+    assert quantized == [] and pipeline.load.kept is None  # training took the scoring's model
     assert (it / "pairs.jsonl").read_bytes() == before, "training must not touch the stored reference"
     pol = quant.quantize_model(s.model, torch.float32, "cpu")
     lora.add_lora(pol, sppo.lora_config(s))
