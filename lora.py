@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 import files
+import kernels
 import model as M
 import quant
 
@@ -69,7 +70,7 @@ class LoRALinear(nn.Module):
         x = self.dropout(x)
         if not torch.is_autocast_enabled(x.device.type):  # under autocast the linears cast for themselves
             x = x.to(self.lora_A.dtype)
-        h = M.linear(M.linear(x, self.lora_A), self.lora_B)  # oneDNN on CPU in float32 (model.linear)
+        h = kernels.linear(kernels.linear(x, self.lora_A), self.lora_B)  # oneDNN on CPU in float32 (kernels.linear)
         return y + (self.scaling * h).to(y.dtype)
 
     def delta(self):

@@ -7,7 +7,7 @@ One file, read top to bottom: Config -> RMSNorm/RoPE -> Attention/MLP/Block -> T
 Module names follow Hugging Face's (q_proj, gate_proj, input_layernorm, ...) so a checkpoint
 maps onto the model by stripping the "model." prefix, and LoRA adapter keys match PEFT's.
 This file knows nothing about quantization or LoRA: those are module swaps applied to a built
-model (quant.py, lora.py), as gpt-fast does. It knows one thing about device splits: a layer
+model (quant.py, lora.py), as gpt-fast does; which library multiplies on CPU is kernels.py's. It knows one thing about device splits: a layer
 may live on another device than the one before it, so the forward pass carries the
 activations over (`to_layer`); which layers go where, and the micro-batch schedule, are
 pipeline.py's.
@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+import kernels
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Gemma2ForCausalLM")
 ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -212,102 +214,6 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-# ----------------------------------------------------------------------------- CPU matmuls
-
-# On CPU in float32, torch's F.linear calls MKL's sgemm, which on AMD CPUs (this project's
-# EPYC machines) takes a slow generic path: oneDNN, which ships inside torch as well, runs the
-# same products 1.4x (one row, sampling) to 2.3x (batch 16 and training shapes) faster. Its
-# rows are also batch-invariant (a row's result does not depend on the other rows), MKL's are
-# not. Results differ from MKL's in the last bits (another summation order), as any two BLAS do.
-ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-def onednn_ok(x, w):
-    # not under CPU autocast: there F.linear computes in bf16, and so must we
-    return (ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu"))
-
-
-def mm_nt(x, w):
-    """x @ w.T without autograd; w may be a oneDNN-packed weight (packed_weight)."""
-    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
-
-
-def packed_weight(owner, name, w):
-    """w in oneDNN's blocked layout, made once and kept on `owner` (not a parameter or buffer,
-    so state dicts are unchanged) until the tensor is replaced or modified in place. w may be a
-    list of weights with the same input size: their rows stacked, one product for all."""
-    ws = w if isinstance(w, (list, tuple)) else [w]
-    key = tuple((t.data_ptr(), t._version, tuple(t.shape), tuple(t.stride())) for t in ws)
-    got = owner.__dict__.get(name)
-    if got is None or got[0] != key:
-        dense = torch.cat([t.detach() for t in ws]) if len(ws) > 1 else ws[0].detach().contiguous()
-        got = (key, torch.ops.mkldnn._reorder_linear_weight(dense, None))
-        owner.__dict__[name] = got
-    return got[1]
-
-
-def fused_linears(owner, name, x, *linears):
-    """The outputs of several plain frozen Linear layers on the same input as one oneDNN product
-    over their stacked weights (split back), or None where that does not apply (training, LoRA,
-    NF4, not CPU float32). Bit for bit the separate products: each output column is the same
-    dot product (tests/test_model.py), only the number of calls per token shrinks."""
-    if (x.requires_grad and torch.is_grad_enabled()) or not all(type(m) is Linear and not m.weight.requires_grad
-                                                                 for m in linears):
-        return None
-    ws = [m.weight for m in linears]
-    if not onednn_ok(x, ws[0]):
-        return None
-    return mm_nt(x, packed_weight(owner, name, ws)).split([w.shape[0] for w in ws], -1)
-
-
-class OneDNNLinear(torch.autograd.Function):
-    """y = x w^T through oneDNN; dx = dy w through oneDNN (with a packed w^T when the weight is
-    frozen); dw = dy^T x, when the weight trains, by whichever of oneDNN and MKL is the faster
-    for its shape."""
-
-    @staticmethod
-    def forward(ctx, x, w, owner):
-        ctx.owner = owner
-        ctx.save_for_backward(x if w.requires_grad else None, w)
-        frozen = owner is not None and not w.requires_grad
-        return mm_nt(x, packed_weight(owner, "_packed", w) if frozen else w)
-
-    @staticmethod
-    def backward(ctx, gy):
-        x, w = ctx.saved_tensors
-        frozen = ctx.owner is not None and not w.requires_grad
-        gx = gw = None
-        if ctx.needs_input_grad[0]:
-            wt = packed_weight(ctx.owner, "_packed_t", w.t()) if frozen else w.t()
-            gx = mm_nt(gy.contiguous(), wt)
-        if ctx.needs_input_grad[1]:  # (out, rows) @ (rows, in)
-            gy2, x2 = gy.reshape(-1, gy.shape[-1]), x.reshape(-1, x.shape[-1])
-            # oneDNN is the faster for a short output (LoRA's A: r x in), MKL for a short input (B: out x r)
-            gw = mm_nt(gy2.t(), x2.t()) if w.shape[0] <= w.shape[1] else gy2.t() @ x2
-        return gx, gw, None
-
-
-def linear(x, w, owner=None):
-    """F.linear(x, w) (no bias), through oneDNN on CPU in float32. owner (a module) keeps the
-    weight's packed copies when the weight is frozen; without it the weight is used as it is."""
-    if not onednn_ok(x, w):
-        return F.linear(x, w)
-    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
-        return OneDNNLinear.apply(x, w, owner)
-    return mm_nt(x, packed_weight(owner, "_packed", w) if owner is not None and not w.requires_grad else w)
-
-
-class Linear(nn.Linear):
-    """nn.Linear without bias, its product through `linear` (oneDNN on CPU)."""
-
-    def __init__(self, in_features, out_features):
-        super().__init__(in_features, out_features, bias=False)
-
-    def forward(self, x):
-        return linear(x, self.weight, self)
-
-
 class KVCache(nn.Module):
     """A preallocated cache (gpt-fast style): writes in place, never grows or copies."""
 
@@ -335,16 +241,16 @@ class Attention(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q_proj = Linear(cfg.dim, cfg.n_heads * cfg.head_dim)
-        self.k_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim)
-        self.v_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim)
-        self.o_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.dim)
+        self.q_proj = kernels.Linear(cfg.dim, cfg.n_heads * cfg.head_dim)
+        self.k_proj = kernels.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim)
+        self.v_proj = kernels.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim)
+        self.o_proj = kernels.Linear(cfg.n_heads * cfg.head_dim, cfg.dim)
         self.scale = None  # SDPA's 1/sqrt(head_dim)
         self.cache = None
 
     def forward(self, x, cos, sin, mask, slot=None):
         B, T, _ = x.shape
-        qkv = fused_linears(self, "_packed_qkv", x, self.q_proj, self.k_proj, self.v_proj)
+        qkv = kernels.fused_linears(self, "_packed_qkv", x, self.q_proj, self.k_proj, self.v_proj)
         q, k, v = qkv or (self.q_proj(x), self.k_proj(x), self.v_proj(x))
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -370,14 +276,14 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
-        self.gate_proj = Linear(cfg.dim, cfg.ffn_dim)
-        self.up_proj = Linear(cfg.dim, cfg.ffn_dim)
-        self.down_proj = Linear(cfg.ffn_dim, cfg.dim)
+        self.gate_proj = kernels.Linear(cfg.dim, cfg.ffn_dim)
+        self.up_proj = kernels.Linear(cfg.dim, cfg.ffn_dim)
+        self.down_proj = kernels.Linear(cfg.ffn_dim, cfg.dim)
         self.hidden_act = cfg.hidden_act  # SwiGLU, or Gemma's GeGLU
         self.act = ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x):
-        g, u = fused_linears(self, "_packed_gate_up", x, self.gate_proj, self.up_proj) or (self.gate_proj(x), self.up_proj(x))
+        g, u = kernels.fused_linears(self, "_packed_gate_up", x, self.gate_proj, self.up_proj) or (self.gate_proj(x), self.up_proj(x))
         if torch.is_grad_enabled() and (g.requires_grad or u.requires_grad):
             return self.down_proj(GatedAct.apply(g, u, self.hidden_act))
         # contiguous: g may be a column slice of fused_linears' output, and on a strided input
@@ -454,7 +360,7 @@ class Transformer(nn.Module):
         self.embed_tokens = self.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(self.Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = self.Norm(cfg.dim, cfg.norm_eps)
-        self.lm_head = Linear(cfg.dim, cfg.vocab_size)
+        self.lm_head = kernels.Linear(cfg.dim, cfg.vocab_size)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
@@ -840,7 +746,7 @@ def generate_seeds(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, t
     """
     device = model.embed_tokens.weight.device
     w = model.embed_tokens.weight
-    if len(seeds) > 1 and (len(prompts) == 1 or not onednn_ok(w, w)):
+    if len(seeds) > 1 and (len(prompts) == 1 or not kernels.onednn_ok(w, w)):
         return [generate_seeds(model, prompts, max_new_tokens, temperature, top_p, top_k, stop_ids, [s], pad_id)[0]
                 for s in seeds]
     # Longest prompts first, so rows of similar length are neighbours and prefill() can run

@@ -16,6 +16,7 @@ import bitsandbytes.functional as bnbf  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
+import kernels  # noqa: E402
 import model as M  # noqa: E402
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -43,8 +44,8 @@ class NF4Linear(nn.Module):
 
     def forward(self, x):
         x = x.to(self.compute_dtype)
-        if M.onednn_ok(x, x):  # CPU, float32 (the weight is dequantized to x's dtype): see NF4Matmul
-            y = NF4Matmul.apply(x, self) if torch.is_grad_enabled() and x.requires_grad else M.mm_nt(x, self.dequantize(x.dtype))
+        if kernels.onednn_ok(x, x):  # CPU, float32 (the weight is dequantized to x's dtype): see NF4Matmul
+            y = NF4Matmul.apply(x, self) if torch.is_grad_enabled() and x.requires_grad else kernels.mm_nt(x, self.dequantize(x.dtype))
         else:
             y = bnb.matmul_4bit(x, self.qweight.t(), quant_state=self.quant_state)
         return y.to(x.dtype)
@@ -78,7 +79,7 @@ class NF4Linear(nn.Module):
 
 class NF4Matmul(torch.autograd.Function):
     """x W^T for a frozen NF4 weight on CPU in float32: the weight is dequantized (bitsandbytes'
-    kernel, block scales decoded once per layer) and multiplied through oneDNN (model.mm_nt), in
+    kernel, block scales decoded once per layer) and multiplied through oneDNN (kernels.mm_nt), in
     forward and again in backward. Nothing of the weight is kept between the two: a float copy
     of every linear would cost more memory (4 bytes per weight) than dequantizing twice costs
     time (under 1% of a training step)."""
@@ -86,11 +87,11 @@ class NF4Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, layer):
         ctx.layer = layer
-        return M.mm_nt(x, layer.dequantize(x.dtype))
+        return kernels.mm_nt(x, layer.dequantize(x.dtype))
 
     @staticmethod
     def backward(ctx, gy):
-        return M.mm_nt(gy.contiguous(), ctx.layer.dequantize(gy.dtype).t()), None
+        return kernels.mm_nt(gy.contiguous(), ctx.layer.dequantize(gy.dtype).t()), None
 
 
 # ----------------------------------------------------------------------------- quantized loading

@@ -6,6 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 import convert
+import kernels
 import model as M
 
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
@@ -214,10 +215,10 @@ def test_embedded_smollm2_logits_match_transformers_gguf_loader(smollm2_dir):
 
 
 def test_onednn_linear_equals_f_linear_forward_backward_and_follows_weight_updates():
-    """model.linear (oneDNN on CPU float32, packed weights kept on the module) against F.linear:
+    """kernels.linear (oneDNN on CPU float32, packed weights kept on the module) against F.linear:
     values, input and weight gradients; a weight changed in place is packed again."""
     torch.manual_seed(0)
-    lin = M.Linear(64, 48).requires_grad_(False)  # frozen, as load_model leaves weights
+    lin = kernels.Linear(64, 48).requires_grad_(False)  # frozen, as load_model leaves weights
     x = torch.randn(2, 5, 64)
     with torch.no_grad():
         assert (lin(x) - torch.nn.functional.linear(x, lin.weight)).abs().max().item() <= 1e-5
@@ -278,17 +279,17 @@ def test_fused_projections_equal_separate_ones_bit_for_bit(tmp_path, monkeypatch
     save_hf(tmp_path, LlamaForCausalLM, VARIANTS["llama_gqa_untied"][1]())
     m = M.load_model(tmp_path)
     idx, mask = padded_batch(97, [11, 7, 1, 11])
-    real = M.fused_linears
+    real = kernels.fused_linears
 
     def separate():  # each linear on its own, packed afresh (no copy made before is reused)
         for mod in m.modules():
             for k in [k for k in mod.__dict__ if k.startswith("_packed")]:
                 del mod.__dict__[k]
-        monkeypatch.setattr(M, "fused_linears", lambda *a: None)
+        monkeypatch.setattr(kernels, "fused_linears", lambda *a: None)
         try:
             return m(idx, mask)
         finally:
-            monkeypatch.setattr(M, "fused_linears", real)
+            monkeypatch.setattr(kernels, "fused_linears", real)
 
     with torch.no_grad():
         fused = m(idx, mask)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+import kernels
 import model as M
 import lora as L
 import quant as Q
@@ -209,7 +210,7 @@ def test_lora_gradients_through_nf4_equal_bitsandbytes_path(monkeypatch):
     x = torch.randn(2, 9, 128)
     grads = []
     for onednn in (True, False):  # False: the bitsandbytes and F.linear path of before
-        monkeypatch.setattr(M, "ONEDNN", onednn)
+        monkeypatch.setattr(kernels, "ONEDNN", onednn)
         h = layer(x.requires_grad_(True))
         (h.square().sum()).backward()
         grads.append([layer.lora_A.grad.clone(), layer.lora_B.grad.clone(), x.grad.clone()])
