@@ -589,8 +589,8 @@ def run(s):
             if parallel.is_main():  # with torchrun the others go on and wait in the next collective
                 report.export_alpaca_eval(it / "alpaca_eval" / "model_outputs.json", heldout, answers, f"{s.name}_sppo_iter{t + 1}")
                 res = evaluate(s, t, tok, heldout, base_answers, answers, it / "eval.json", loss, kl)
-                wr, ci = res["win_rate"]
-                st["summary"] = f"win rate vs pi_0 {wr:.3f} +/- {ci:.3f} on {res['n_eval']} prompts"
+                st["summary"] = (f"win rate vs pi_0 {report.ci(res['win_rate'])} on {res['n_eval']} prompts (at equal length "
+                                 f"{res['win_rate_lc'][0]:.3f}), words {res['words_base'][0]:.1f} -> {res['words_new'][0]:.1f}")
                 table.append(res)
                 files.write_jsonl(run_dir / "metrics.jsonl", table)
                 report.plot_metrics(run_dir, table)
