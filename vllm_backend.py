@@ -18,11 +18,13 @@ TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_
 
 
 def generate(model_dir, prompts, max_new_tokens, temperature, top_p, top_k, stop_ids, seeds,
-             dtype="auto", memory=0.85, python=None, tp=1):
+             dtype="auto", memory=0.85, python=None, tp=1, max_model_len=None):
     """For each seed, one sample per prompt: returns outs[seed_index][prompt_index] = token ids
     (the stop token kept when hit, as model.generate does). memory: the fraction of GPU memory
     vLLM may take (on the CPU build: of host memory); tp: GPUs it splits the model over
-    (vLLM's tensor parallel, one node)."""
+    (vLLM's tensor parallel, one node); max_model_len: the longest prompt + response this stage
+    needs (default: the longest prompt + max_new_tokens), so vLLM does not reserve KV cache for
+    the model's whole context (8k-128k tokens) and refuse to start on a 24 GB card."""
     import tempfile
     python = python or os.environ.get("SPPO_VLLM_PYTHON", sys.executable)
     with tempfile.TemporaryDirectory() as tmp:
@@ -30,12 +32,19 @@ def generate(model_dir, prompts, max_new_tokens, temperature, top_p, top_k, stop
         req.write_text(json.dumps({"model": str(model_dir), "prompts": prompts, "max_new_tokens": max_new_tokens,
                                    "temperature": temperature, "top_p": top_p, "top_k": top_k,
                                    "stop_ids": list(stop_ids), "seeds": list(seeds), "dtype": dtype,
-                                   "memory": memory, "tp": tp}))
+                                   "memory": memory, "tp": tp,
+                                   "max_model_len": max_model_len or max(map(len, prompts)) + max_new_tokens}))
         # under torchrun, vLLM must not take the parent's rank variables for its own process group
         env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS and not k.startswith("TORCHELASTIC_")}
-        r = subprocess.run([python, str(Path(__file__).resolve()), str(req), str(resp)], env=env)
+        # vLLM's stdout goes to the terminal; its stderr (its log) is shown only when it fails,
+        # and its last line, vLLM's own error, ends the run in one line (not "is vllm installed?")
+        r = subprocess.run([python, str(Path(__file__).resolve()), str(req), str(resp)], env=env, stderr=subprocess.PIPE,
+                           text=True)
         if r.returncode != 0:
-            raise RuntimeError(f"vLLM sampler failed (exit {r.returncode}); is vllm installed in {python}?")
+            last = [ln for ln in r.stderr.splitlines() if ln.strip()][-1:] or ["(nothing on stderr)"]
+            sys.stderr.write(r.stderr[-20000:])
+            from runs import RunError
+            raise RunError(f"vLLM sampler failed (exit {r.returncode}) in {python}: {last[0].strip()}")
         return json.loads(resp.read_text())["outputs"]
 
 
@@ -45,7 +54,8 @@ def _serve(req_path, resp_path):
     from vllm.inputs import TokensPrompt
     req = json.loads(Path(req_path).read_text())
     llm = LLM(model=req["model"], dtype=req["dtype"], seed=0, enforce_eager=True,
-              gpu_memory_utilization=req["memory"], tensor_parallel_size=req.get("tp", 1))
+              gpu_memory_utilization=req["memory"], tensor_parallel_size=req.get("tp", 1),
+              max_model_len=req["max_model_len"])
     prompts = [TokensPrompt(prompt_token_ids=p) for p in req["prompts"]]
     outputs = []
     for seed in req["seeds"]:

@@ -471,3 +471,19 @@ def test_kl_estimate_covers_the_exact_kl_of_one_new_token(tiny_setup, tmp_path):
     reverse = float((lp_old.exp() * (lp_old - lp_new)).sum())
     assert abs(kl - exact) < 1.5 * half, (kl, half, exact)  # 1.5 x the 95% half-width: ~3 standard errors
     assert abs(reverse - exact) > 3 * half, "the test must tell the two directions apart"
+
+
+def test_vllm_child_gets_a_context_no_longer_than_needed_and_its_own_error_ends_the_run(tmp_path):
+    """vLLM reserves KV cache for max_model_len tokens: unset, that is the model's whole context
+    (8k for Llama-3) and vLLM refuses to start beside a 24 GB card's other tenants. The child is
+    asked for the longest prompt + max_new_tokens. When it fails, its last stderr line is the
+    error (a stand-in python that records the request and fails)."""
+    import vllm_backend
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\ncp \"$2\" {tmp_path}/req.json\necho 'loading...' >&2\n"
+                    "echo 'ValueError: not enough KV cache for 1 sequence' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    with pytest.raises(runs.RunError) as e:
+        vllm_backend.generate("m", [[1, 2, 3], [4] * 10], 64, 0.7, 0.9, 0, [2], [0, 50], python=str(fake))
+    assert str(e.value).endswith(": ValueError: not enough KV cache for 1 sequence")
+    assert json.loads((tmp_path / "req.json").read_text())["max_model_len"] == 10 + 64
