@@ -331,10 +331,8 @@ def inference(b, dev, stacks=("ours", "theirs")):
     if theirs_q is not None:
         theirs_q.train()
     on = lambda m, fn: None if m is None else fn  # noqa: E731 (a stack not in this process has no side)
-    logps = {"ours": on(ours_q, lambda: score_ours(ours_q, ids, resp).tolist()),
-             "theirs": on(theirs_q, lambda: score_theirs(theirs_q, ids, resp, attn).tolist())}
-    logps = {w: fn and fn() for w, fn in logps.items()}  # also the warm-ups
     jobs = {"scoring": (on(ours_q, lambda: score_ours(ours_q, ids, resp)), on(theirs_q, lambda: score_theirs(theirs_q, ids, resp, attn)))}
+    logps = {w: fn and fn().tolist() for w, fn in zip(("ours", "theirs"), jobs["scoring"])}  # also the warm-ups
     results = {}
     measure_rounds(b, dev, jobs, results, lambda out: tokens)
     if dev.type == "cpu" and bf16_cpu_kernel() and theirs_q is not None:

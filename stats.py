@@ -31,7 +31,7 @@ Z95 = 1.96
 
 
 def mean_ci(x):
-    """Mean and the half-width of its normal-approximation 95% interval (as sppo.mean_ci)."""
+    """Mean and the half-width of its normal-approximation 95% interval (every CI of eval.json: stats.report, sppo.kl_estimate)."""
     x = np.asarray(x, dtype=float)
     return float(x.mean()), float(Z95 * x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
 
