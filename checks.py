@@ -6,15 +6,18 @@ then refuses the corrected command.
 
 The loaders check their own files (data.load_prompts, data.Tokenizer.from_dir,
 model.Config.from_hf, model.check_headers); this file checks what only the settings know."""
+import argparse
 import dataclasses
 import os
 import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 import convert
 import data
+import files
 import judge as judges
 import lora
 import model as M
@@ -50,6 +53,32 @@ RANGES = {
     "ckpt_every": (lambda v: v >= 1, ">= 1"), "micro_batches": (lambda v: v >= 1, ">= 1"),
     "device_mem": (lambda v: v >= 0, ">= 0 (0 = the card's own)"),
 }
+
+
+def parse_args(settings, argv, description):
+    """The command line: one flag per field of the settings dataclass, its help and choices from
+    the field's metadata, its default shown."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(settings):
+        kw = {"choices": f.metadata["choices"]} if "choices" in f.metadata else {}
+        if f.type == "bool" or f.type is bool:
+            p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__)
+            p.add_argument(flag(f.name), type=typ, default=f.default, help=f.metadata["help"], **kw)
+    return settings(**vars(p.parse_args(argv)))
+
+
+def cli(go):
+    """go() as a command: a bad input or a run that cannot go on is one line on stderr and exit
+    status 2, never a traceback."""
+    try:
+        return go()
+    except (files.DataError, M.ModelError, FlagError, runs.RunError) as e:
+        for bar in list(getattr(tqdm, "_instances", [])):  # end the stopped stage's bar: the error gets its own line
+            bar.close()
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def flag(name):

@@ -109,6 +109,16 @@ HF_EXTRA_FILES = ("config.json", "generation_config.json", "tokenizer.json", "to
                   "special_tokens_map.json", "chat_template.jinja", "tokenizer.model")
 
 
+def merge_adapter(src_dir, adapter_dir, out_dir, cfg: LoRAConfig, dtype=None, on_shard=None):
+    """merge_lora from files: the adapter in adapter_dir, read onto a weightless (meta) copy of
+    src_dir's model, folded into src_dir's checkpoint."""
+    with torch.device("meta"):
+        skeleton = M.create(M.Config.from_hf(src_dir))
+    add_lora(skeleton, cfg)
+    load_adapter(skeleton, adapter_dir)
+    return merge_lora(src_dir, skeleton, out_dir, dtype=dtype, on_shard=on_shard)
+
+
 def merge_lora(src_dir, lora_model, out_dir, dtype=None, on_shard=None):
     """Write src_dir's checkpoint with W + (alpha/r) B A folded into every adapted weight.
 

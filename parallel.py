@@ -117,6 +117,24 @@ def barrier():
         dist.barrier()
 
 
+def split_batch(batch, step):
+    """One micro-batch over the ranks: this rank runs step(its rows) -> (mean loss, log dict of
+    lists, and an int "tokens"). Each rank weights its mean loss by its share of the rows, times
+    the world size since DDP averages gradients: the sum is the one-process gradient of the
+    whole micro-batch. A rank dealt no row runs one with weight 0 (DDP needs a backward from
+    every rank). -> (the loss to backward, the whole micro-batch's mean loss, every rank's log)."""
+    W = world()
+    mine = batch[rank()::W]
+    part = len(mine) / len(batch)
+    loss, got = step(mine or batch[:1])
+    seen = {}
+    for theirs in gather(got if mine else {}):
+        for k, v in theirs.items():
+            seen[k] = seen.get(k, 0 if k == "tokens" else []) + v
+    whole = loss.item() * part if W == 1 else sum(gather(loss.item() * part))
+    return loss * (part * W), whole, seen
+
+
 class _Scorer(torch.nn.Module):
     """model.sequence_logps as a module: DDP arms its gradient all-reduce in its own forward
     call, and a training step's forward is sequence_logps (one model call per length group),

@@ -37,6 +37,11 @@ def answers_summary(rows, what):
     return f"{n} {what}, {kilo(tokens)} tokens"
 
 
+def eval_summary(res):
+    return (f"win rate vs pi_0 {ci(res['win_rate'])} on {res['n_eval']} prompts (at equal length "
+            f"{res['win_rate_lc'][0]:.3f}), words {res['words_base'][0]:.1f} -> {res['words_new'][0]:.1f}")
+
+
 def results(table):
     """The held-out results as Markdown, length beside every figure (a gain is a gain only at
     equal length), then, where the prompts carry checks, satisfaction per check kind."""

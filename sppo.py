@@ -15,12 +15,10 @@ a stage whose output exists is skipped, so running the same command again resume
 stopped (the machinery for that is in runs.py, the start-up checks in checks.py, the devices in
 pipeline.py and parallel.py).
 """
-import argparse
 import dataclasses
 import functools
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,16 +123,7 @@ class Settings:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(Settings):
-        kw = {"choices": f.metadata["choices"]} if "choices" in f.metadata else {}
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool" or f.type is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
-        else:
-            typ = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__)
-            p.add_argument(flag, type=typ, default=f.default, help=f.metadata["help"], **kw)
-    return Settings(**vars(p.parse_args(argv)))
+    return checks.parse_args(Settings, argv, __doc__.split("\n\n")[0])
 
 
 # ----------------------------------------------------------------------------- the SPPO maths
@@ -261,21 +250,16 @@ def sample(s, policy_dir, tok, rows, out_path, seeds, greedy=False, desc="genera
     def setup(todo):
         if s.backend != "vllm":
             return pipeline.load(s, policy_dir)
-        if parallel.is_main():  # one child process for the whole stage: loading vLLM is slow
+        if parallel.is_main():  # one vLLM run for the whole stage
             import vllm_backend
-            every = vllm_backend.generate(policy_dir, [tok.encode_chat(data.messages_of(r)) for r in todo], s.max_new_tokens,
-                                          temperature, s.top_p, s.top_k, tok.stop_ids, seeds,
-                                          memory=s.vllm_memory, tp=s.vllm_tp)
-            return every, {r["id"]: i for i, r in enumerate(todo)}
+            return vllm_backend.sampler(s, policy_dir, todo, [tok.encode_chat(data.messages_of(r)) for r in todo], temperature,
+                                        tok.stop_ids, seeds)
 
     def work(c, chunk, ctx):
         ids = [tok.encode_chat(data.messages_of(r)) for r in chunk]
-        if s.backend == "vllm":
-            every, at = ctx
-            outs = [[o[at[r["id"]]] for r in chunk] for o in every]
-        else:
-            outs = M.generate_seeds(ctx, ids, s.max_new_tokens, temperature, s.top_p, s.top_k, tok.stop_ids,
-                                    seeds=[seed * 1000 + c for seed in seeds], pad_id=tok.pad_id)
+        outs = ctx(chunk) if s.backend == "vllm" else M.generate_seeds(
+            ctx, ids, s.max_new_tokens, temperature, s.top_p, s.top_k, tok.stop_ids, seeds=[seed * 1000 + c for seed in seeds],
+            pad_id=tok.pad_id)
         lines = []
         for i, r in enumerate(chunk):
             # response_ids are exactly the sampled ids, the stop token that ended a response included
@@ -296,18 +280,15 @@ def sample(s, policy_dir, tok, rows, out_path, seeds, greedy=False, desc="genera
 
 def make_judge(s, tok):
     """The judge, loaded in the stage that uses it and freed with it: a model judge must not hold
-    GPU memory through sampling and training (an 8B LLM judge cannot sit beside them)."""
-    if s.judge == "verifiable":
-        return judges.make_judge("verifiable", tau=s.tau)
+    GPU memory through sampling and training (an 8B LLM judge cannot sit beside them). Its files
+    were checked at the start (checks.check_judge)."""
+    if s.judge == "llm":
+        return judges.make_judge("llm", model=pipeline.load(s, s.judge_model), tokenizer=data.Tokenizer.from_dir(s.judge_model),
+                                 batch_size=s.judge_batch)
     if s.judge == "pairrm":
-        if not s.pairrm_dir:
-            raise RunError("--judge pairrm needs --pairrm-dir (a local copy of llm-blender/PairRM; see README)")
         return judges.make_judge("pairrm", ranker_dir=s.pairrm_dir, backbone_dir=s.pairrm_backbone or None,
                                  mode=s.pairrm_mode, batch_size=s.judge_batch, device=str(pipeline.device_of(s)))
-    if not s.judge_model:
-        raise RunError("--judge llm needs --judge-model (a local HF folder)")
-    jm = pipeline.load(s, s.judge_model)
-    return judges.make_judge("llm", model=jm, tokenizer=data.Tokenizer.from_dir(s.judge_model), batch_size=s.judge_batch)
+    return judges.make_judge("verifiable", tau=s.tau)
 
 
 def judge_responses(s, tok, rows, responses, out_path):
@@ -426,20 +407,13 @@ def train(s, tok, policy_dir, pairs, work_dir, adapter_dir, track=None, step_off
     while step < total:
         micro = order[step * s.grad_accum:(step + 1) * s.grad_accum]
         loss_sum, seen, t0 = 0.0, {}, time.perf_counter()
-        for mb in micro:
-            # Ranks split the micro-batch; each weights its mean loss by its share of the pairs, times W
-            # since DDP averages gradients: the sum is the one-process gradient of the whole micro-batch.
-            # A rank dealt no pair runs one with weight 0 (DDP needs a backward from every rank).
-            mine = mb[parallel.rank()::W]
-            share = len(mine) / len(mb)
-            loss, got = train_step(score, [pairs[i] for i in mine or mb[:1]], s, tok.pad_id, dev)
-            for part in parallel.gather(got if mine else {}):  # every rank's pairs, for the log
-                for k, v in part.items():
-                    seen[k] = seen.get(k, 0 if k == "tokens" else []) + v
-            whole = loss.item() * share if W == 1 else sum(parallel.gather(loss.item() * share))
+        for mb in micro:  # with torchrun the ranks split each micro-batch (parallel.split_batch)
+            loss, whole, got = parallel.split_batch(mb, lambda mine: train_step(score, [pairs[i] for i in mine], s, tok.pad_id, dev))
+            for k, v in got.items():
+                seen[k] = seen.get(k, 0 if k == "tokens" else []) + v
             if not math.isfinite(whole):
                 runs.not_finite(f"loss is {whole}", step, ckpt)
-            (loss * (share * W) / len(micro)).backward()
+            (loss / len(micro)).backward()
             loss_sum += whole / len(micro)
         # a finite loss can still give inf gradients; stepping on them would put NaN in the weights
         norm = torch.nn.utils.clip_grad_norm_(params, s.clip)
@@ -471,34 +445,27 @@ def train(s, tok, policy_dir, pairs, work_dir, adapter_dir, track=None, step_off
 
 def merge(s, policy_dir, adapter_dir, out_dir):
     """pi_{t+1}: the adapter folded into pi_t's full-precision weights read from disk."""
-    if (out_dir / "config.json").exists() or not parallel.is_main():
-        parallel.barrier()  # with torchrun: the others wait for rank 0's merge before loading pi_{t+1}
-        return out_dir
-    with torch.device("meta"):
-        skeleton = M.create(M.Config.from_hf(policy_dir))
-    lora.add_lora(skeleton, lora_config(s))
-    lora.load_adapter(skeleton, adapter_dir)
-    bar = tqdm(total=len(M.checkpoint_files(policy_dir)), desc="merge", unit="shard")
-
-    def shard_done(file):
-        bar.update(1)
-        runs.resume_point("merge")
-
-    dtype = None if s.merged_dtype == "auto" else getattr(torch, s.merged_dtype)
-    lora.merge_lora(policy_dir, skeleton, out_dir, dtype=dtype, on_shard=shard_done)
-    bar.close()
-    parallel.barrier()
+    if not (out_dir / "config.json").exists() and parallel.is_main():
+        bar = tqdm(total=len(M.checkpoint_files(policy_dir)), desc="merge", unit="shard")
+        dtype = None if s.merged_dtype == "auto" else getattr(torch, s.merged_dtype)
+        lora.merge_adapter(policy_dir, adapter_dir, out_dir, lora_config(s), dtype,
+                           on_shard=lambda file: (bar.update(1), runs.resume_point("merge")))
+        bar.close()
+    parallel.barrier()  # with torchrun: the others wait for rank 0's merge before loading pi_{t+1}
     return out_dir
 
 
 # ----------------------------------------------------------------------------- 6. evaluate
 
-def evaluate(s, t, tok, heldout, base_answers, new_answers, out_path, loss, kl=None):
+def evaluate(s, t, tok, heldout, base_answers, new_answers, it, loss, kl=None):
     """Win rate of pi_{t+1} over pi_0 on held-out prompts: each pair judged in both orders
     (to cancel position bias) and averaged. Beside it, as preference training loves to change
     length: both models' mean answer length and the win rate at equal length; where the prompts
     carry checks, both models' constraint-satisfaction rates, the paired gain, the gain at equal
-    length and a table per check kind (stats.report); kl: KL(pi_{t+1} || pi_t), kl_estimate."""
+    length and a table per check kind (stats.report); kl: KL(pi_{t+1} || pi_t), kl_estimate.
+    -> it/eval.json; pi_{t+1}'s answers also go to it/alpaca_eval/ (AlpacaEval's format)."""
+    out_path = it / "eval.json"
+    report.export_alpaca_eval(it / "alpaca_eval" / "model_outputs.json", heldout, new_answers, f"{s.name}_sppo_iter{t + 1}")
     if out_path.exists():
         return json.loads(out_path.read_text())
     prompts, judge = [tok.render_chat(data.messages_of(r)) for r in heldout], make_judge(s, tok)
@@ -529,18 +496,15 @@ def kl_estimate(s, tok, old_dir, new_dir, rows, out_path):
                  desc="KL samples")
     if not parallel.is_main():
         return None
-    logps = []
-    for d in (new_dir, old_dir):
-        m, lp = pipeline.load(s, d), []
-        for i in range(0, len(got), s.batch_size):
-            chunk = got[i:i + s.batch_size]
-            ids, mask = seq_tensors([g["prompt_ids"] for g in chunk], [g["response_ids"][0] for g in chunk], s, tok.pad_id,
-                                    pipeline.device_of(s))
-            with torch.no_grad():
-                lp += M.sequence_logps(m, ids, mask).tolist()
-        logps.append(lp)
-        del m
-    return stats.mean_ci(np.subtract(*logps))
+    batches = [seq_tensors([g["prompt_ids"] for g in got[i:i + s.batch_size]], [g["response_ids"][0] for g in got[i:i + s.batch_size]],
+                           s, tok.pad_id, pipeline.device_of(s)) for i in range(0, len(got), s.batch_size)]
+
+    @torch.no_grad()
+    def logps(model_dir):
+        m = pipeline.load(s, model_dir)
+        return [x for ids, mask in batches for x in M.sequence_logps(m, ids, mask).tolist()]
+
+    return stats.mean_ci(np.subtract(logps(new_dir), logps(old_dir)))
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -587,10 +551,8 @@ def run(s):
                 kl = kl_estimate(s, tok, policy, new, heldout[:s.kl_samples], it / "kl_samples.jsonl")
             loss = float(np.mean([r["loss"] for r in log[-max(1, len(log) // 4):]])) if log else float("nan")
             if parallel.is_main():  # with torchrun the others go on and wait in the next collective
-                report.export_alpaca_eval(it / "alpaca_eval" / "model_outputs.json", heldout, answers, f"{s.name}_sppo_iter{t + 1}")
-                res = evaluate(s, t, tok, heldout, base_answers, answers, it / "eval.json", loss, kl)
-                st["summary"] = (f"win rate vs pi_0 {report.ci(res['win_rate'])} on {res['n_eval']} prompts (at equal length "
-                                 f"{res['win_rate_lc'][0]:.3f}), words {res['words_base'][0]:.1f} -> {res['words_new'][0]:.1f}")
+                res = evaluate(s, t, tok, heldout, base_answers, answers, it, loss, kl)
+                st["summary"] = report.eval_summary(res)
                 table.append(res)
                 files.write_jsonl(run_dir / "metrics.jsonl", table)
                 report.plot_metrics(run_dir, table)
@@ -607,15 +569,7 @@ def run(s):
 
 
 def main(argv=None):
-    """The command line: a bad input or a run that cannot go on is one line on stderr and exit
-    status 2, never a traceback."""
-    try:
-        return run(parse_args(argv))
-    except (files.DataError, M.ModelError, checks.FlagError, RunError) as e:
-        for bar in list(getattr(tqdm, "_instances", [])):  # end the stopped stage's bar: the error gets its own line
-            bar.close()
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    return checks.cli(lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,15 @@ TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_
                  "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
 
 
+def sampler(s, model_dir, rows, prompts, temperature, stop_ids, seeds):
+    """All of a stage's samples in one vLLM run (loading vLLM is slow): rows and their prompt
+    ids, the settings s (sppo.Settings). -> chunk -> outs[seed_index][row of chunk]."""
+    every = generate(model_dir, prompts, s.max_new_tokens, temperature, s.top_p, s.top_k, stop_ids, seeds,
+                     memory=s.vllm_memory, tp=s.vllm_tp)
+    at = {r["id"]: i for i, r in enumerate(rows)}
+    return lambda chunk: [[o[at[r["id"]]] for r in chunk] for o in every]
+
+
 def generate(model_dir, prompts, max_new_tokens, temperature, top_p, top_k, stop_ids, seeds,
              dtype="auto", memory=0.85, python=None, tp=1, max_model_len=None):
     """For each seed, one sample per prompt: returns outs[seed_index][prompt_index] = token ids
