@@ -265,12 +265,15 @@ class Attention(nn.Module):
         # mask None means plain causal over an unpadded batch: SDPA's fast path, GQA inside the
         # kernel. With a mask (padded batches, always in generation) SDPA's GQA would rule out the
         # flash and memory-efficient kernels on CUDA (its math kernel runs in float32 and expands
-        # K/V itself): expand K/V here, in the compute dtype, as transformers does.
-        if mask is not None and self.n_kv_heads != self.n_heads:
+        # K/V itself): there expand K/V here, in the compute dtype, as transformers does. The CPU
+        # flash kernel takes GQA with a mask, with the same results: expanding there would copy
+        # the whole KV cache in every layer at every decode step (measured: most of a step's time).
+        gqa = self.n_kv_heads != self.n_heads
+        if mask is not None and gqa and q.device.type != "cpu":
             rep = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            k, v, gqa = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), False
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
-                                              enable_gqa=mask is None and self.n_kv_heads != self.n_heads)
+                                              enable_gqa=gqa)
 
 
 class MLP(nn.Module):
