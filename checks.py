@@ -69,16 +69,15 @@ def parse_args(settings, argv, description):
     return settings(**vars(p.parse_args(argv)))
 
 
-def cli(go):
-    """go() as a command: a bad input or a run that cannot go on is one line on stderr and exit
-    status 2, never a traceback."""
-    try:
-        return go()
-    except (files.DataError, M.ModelError, FlagError, runs.RunError) as e:
-        for bar in list(getattr(tqdm, "_instances", [])):  # end the stopped stage's bar: the error gets its own line
-            bar.close()
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+ERRORS = (files.DataError, M.ModelError, FlagError, runs.RunError)  # what a bad input or a stopped run raises
+
+
+def fail(e):
+    """One line on stderr, `error: ...`, and exit status 2."""
+    for bar in list(getattr(tqdm, "_instances", [])):  # end the stopped stage's bar: the error gets its own line
+        bar.close()
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 def flag(name):

@@ -490,6 +490,20 @@ class LLMJudge:
 # -----------------------------------------------------------------------------
 
 
+def win_rates(judge, prompts, new, old, rows, batch_size, on_batch=None):
+    """P(new[i] beats old[i]) for each prompt, judged in both orders (to cancel position bias)
+    and averaged, batch_size prompts per call; on_batch() after each batch (progress, resume points)."""
+    wins = []
+    for i in range(0, len(prompts), batch_size):
+        sl = slice(i, i + batch_size)
+        p1 = judge(prompts[sl], [[a, b] for a, b in zip(new[sl], old[sl])], rows[sl])
+        p2 = judge(prompts[sl], [[b, a] for a, b in zip(new[sl], old[sl])], rows[sl])
+        wins += [(P[0][1] + Q[1][0]) / 2 for P, Q in zip(p1, p2)]
+        if on_batch:
+            on_batch()
+    return wins
+
+
 def make_judge(name: str, **opts):
     """make_judge("verifiable", tau=0.1)
     make_judge("pairrm", ranker_dir=..., backbone_dir=..., mode="scores")

@@ -117,22 +117,25 @@ def barrier():
         dist.barrier()
 
 
-def split_batch(batch, step):
-    """One micro-batch over the ranks: this rank runs step(its rows) -> (mean loss, log dict of
-    lists, and an int "tokens"). Each rank weights its mean loss by its share of the rows, times
-    the world size since DDP averages gradients: the sum is the one-process gradient of the
-    whole micro-batch. A rank dealt no row runs one with weight 0 (DDP needs a backward from
-    every rank). -> (the loss to backward, the whole micro-batch's mean loss, every rank's log)."""
-    W = world()
-    mine = batch[rank()::W]
-    part = len(mine) / len(batch)
-    loss, got = step(mine or batch[:1])
-    seen = {}
-    for theirs in gather(got if mine else {}):
+def share_of(batch):
+    """This rank's rows of a training micro-batch and the weight of their mean loss: their share
+    of the rows, times the world size since DDP averages gradients, so that the sum over ranks is
+    the one-process gradient of the whole micro-batch. A rank dealt no row runs one with weight 0
+    (DDP needs a backward from every rank). One process: (batch, 1.0)."""
+    mine = batch[rank()::world()]
+    return mine or batch[:1], len(mine) / len(batch) * world()
+
+
+def whole_batch(loss, log, weight):
+    """-> (the whole micro-batch's mean loss, every rank's log merged: lists joined, "tokens"
+    summed), from this rank's mean loss, log and weight (share_of)."""
+    if world() == 1:
+        return loss.item(), log
+    merged = {}
+    for theirs in gather(log if weight else {}):
         for k, v in theirs.items():
-            seen[k] = seen.get(k, 0 if k == "tokens" else []) + v
-    whole = loss.item() * part if W == 1 else sum(gather(loss.item() * part))
-    return loss * (part * W), whole, seen
+            merged[k] = merged.get(k, 0 if k == "tokens" else []) + v
+    return sum(gather(loss.item() * weight / world())), merged
 
 
 class _Scorer(torch.nn.Module):

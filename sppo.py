@@ -407,13 +407,15 @@ def train(s, tok, policy_dir, pairs, work_dir, adapter_dir, track=None, step_off
     while step < total:
         micro = order[step * s.grad_accum:(step + 1) * s.grad_accum]
         loss_sum, seen, t0 = 0.0, {}, time.perf_counter()
-        for mb in micro:  # with torchrun the ranks split each micro-batch (parallel.split_batch)
-            loss, whole, got = parallel.split_batch(mb, lambda mine: train_step(score, [pairs[i] for i in mine], s, tok.pad_id, dev))
+        for mb in micro:
+            mine, weight = parallel.share_of(mb)  # with torchrun the ranks split each micro-batch
+            loss, got = train_step(score, [pairs[i] for i in mine], s, tok.pad_id, dev)
+            whole, got = parallel.whole_batch(loss, got, weight)
             for k, v in got.items():
                 seen[k] = seen.get(k, 0 if k == "tokens" else []) + v
             if not math.isfinite(whole):
                 runs.not_finite(f"loss is {whole}", step, ckpt)
-            (loss / len(micro)).backward()
+            (loss * weight / len(micro)).backward()
             loss_sum += whole / len(micro)
         # a finite loss can still give inf gradients; stepping on them would put NaN in the weights
         norm = torch.nn.utils.clip_grad_norm_(params, s.clip)
@@ -458,12 +460,12 @@ def merge(s, policy_dir, adapter_dir, out_dir):
 # ----------------------------------------------------------------------------- 6. evaluate
 
 def evaluate(s, t, tok, heldout, base_answers, new_answers, it, loss, kl=None):
-    """Win rate of pi_{t+1} over pi_0 on held-out prompts: each pair judged in both orders
-    (to cancel position bias) and averaged. Beside it, as preference training loves to change
-    length: both models' mean answer length and the win rate at equal length; where the prompts
-    carry checks, both models' constraint-satisfaction rates, the paired gain, the gain at equal
-    length and a table per check kind (stats.report); kl: KL(pi_{t+1} || pi_t), kl_estimate.
-    -> it/eval.json; pi_{t+1}'s answers also go to it/alpaca_eval/ (AlpacaEval's format)."""
+    """Win rate of pi_{t+1} over pi_0 on held-out prompts (each pair judged in both orders,
+    judge.win_rates). Beside it, as preference training loves to change length: both models'
+    mean answer length and the win rate at equal length; where the prompts carry checks, both
+    models' constraint-satisfaction rates, the paired gain, the gain at equal length and a table
+    per check kind (stats.report); kl: KL(pi_{t+1} || pi_t), kl_estimate. -> it/eval.json, and
+    pi_{t+1}'s answers in it/alpaca_eval/ (AlpacaEval's format)."""
     out_path = it / "eval.json"
     report.export_alpaca_eval(it / "alpaca_eval" / "model_outputs.json", heldout, new_answers, f"{s.name}_sppo_iter{t + 1}")
     if out_path.exists():
@@ -471,13 +473,9 @@ def evaluate(s, t, tok, heldout, base_answers, new_answers, it, loss, kl=None):
     prompts, judge = [tok.render_chat(data.messages_of(r)) for r in heldout], make_judge(s, tok)
     new = [a["responses"][0] for a in new_answers]
     old = [a["responses"][0] for a in base_answers]
-    wins = []
-    for i in tqdm(range(0, len(heldout), s.judge_batch), desc="evaluate", unit="batch"):
-        sl = slice(i, i + s.judge_batch)
-        p1 = judge(prompts[sl], [[a, b] for a, b in zip(new[sl], old[sl])], heldout[sl])
-        p2 = judge(prompts[sl], [[b, a] for a, b in zip(new[sl], old[sl])], heldout[sl])
-        wins += [(P[0][1] + Q[1][0]) / 2 for P, Q in zip(p1, p2)]
-        runs.resume_point("evaluate")
+    bar = tqdm(total=math.ceil(len(heldout) / s.judge_batch), desc="evaluate", unit="batch")
+    wins = judges.win_rates(judge, prompts, new, old, heldout, s.judge_batch, lambda: (bar.update(1), runs.resume_point("evaluate")))
+    bar.close()
     res = {"iter": t, "n_eval": len(wins), "train_loss": loss, **stats.report(heldout, old, new, wins, s.tau)}
     if kl is not None:
         res["kl"] = kl
@@ -569,7 +567,12 @@ def run(s):
 
 
 def main(argv=None):
-    return checks.cli(lambda: run(parse_args(argv)))
+    """The command line: a bad input or a run that cannot go on is one line on stderr and exit
+    status 2, never a traceback (checks.fail)."""
+    try:
+        return run(parse_args(argv))
+    except checks.ERRORS as e:
+        checks.fail(e)
 
 
 if __name__ == "__main__":
