@@ -117,33 +117,42 @@ def test_lora_a_is_drawn_on_the_cpu_so_the_adapter_does_not_depend_on_the_split(
     assert not torch.equal(a_mats[0], a_mats[7])  # layers 0 and 1 differ (no repeats)
 
 
-def test_masked_attention_expands_kv_itself_and_unmasked_keeps_sdpa_gqa(tiny, monkeypatch):
-    """SDPA with enable_gqa and an explicit mask has only its slow math kernel on CUDA: with a
-    mask (padded batches, every generation step) K/V are expanded in the compute dtype before
-    the call, without one SDPA does GQA itself. Recorded calls, and the logits unchanged."""
+def test_masked_attention_expands_kv_off_cpu_and_keeps_sdpa_gqa_on_cpu(tiny, monkeypatch):
+    """SDPA with enable_gqa and an explicit mask has only its slow math kernel on CUDA: there,
+    with a mask (padded batches, every generation step), K/V are expanded in the compute dtype
+    before the call. On CPU the flash kernel takes GQA with a mask, so K/V are not copied (the
+    copy of the whole KV cache at every decode step was most of a step's time), and the logits
+    are exactly those of the expanded call. Without a mask SDPA does GQA itself everywhere.
+    Recorded calls; the off-CPU branch on meta tensors (shapes only)."""
     m = M.load_model(tiny / "model")
-    assert m.cfg.n_kv_heads < m.cfg.n_heads
+    H, KV = m.cfg.n_heads, m.cfg.n_kv_heads
+    assert KV < H
     calls, real = [], F.scaled_dot_product_attention
 
     def recording(q, k, v, **kw):
-        calls.append((q.shape[1], k.shape[1], kw["attn_mask"] is not None, kw["enable_gqa"]))
+        calls.append((q.device.type, q.shape[1], k.shape[1], kw["attn_mask"] is not None, kw["enable_gqa"]))
         return real(q, k, v, **kw)
 
     ids = torch.randint(3, 200, (2, 9))
     mask = torch.ones(2, 9, dtype=torch.bool)
     mask[1, :3] = False
     with torch.no_grad():
-        with monkeypatch.context() as mp:  # the other way: SDPA's GQA with the mask
+        with monkeypatch.context() as mp:  # the other way: K/V expanded as transformers does
             mp.setattr(M.Attention, "attend", lambda self, q, k, v, mask: real(
-                q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=True))
+                q, k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1), attn_mask=mask,
+                is_causal=mask is None, scale=self.scale))
             ref = m(ids, mask)
         monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
         got = m(ids, mask)
         m(ids)
-    H = m.cfg.n_heads
-    assert calls[:4] == [(H, H, True, False)] * 4  # masked: K/V expanded, no SDPA GQA
-    assert calls[4:] == [(H, m.cfg.n_kv_heads, False, True)] * 4  # unmasked: SDPA's GQA
-    assert torch.allclose(got, ref, atol=1e-5)
+        att, d = m.layers[0].self_attn, m.cfg.head_dim
+        att.attend(torch.empty(2, H, 9, d, device="meta"), torch.empty(2, KV, 9, d, device="meta"),
+                   torch.empty(2, KV, 9, d, device="meta"), torch.ones(2, 1, 9, 9, dtype=torch.bool, device="meta"))
+    L = len(m.layers)
+    assert calls[:L] == [("cpu", H, KV, True, True)] * L  # CPU, masked: SDPA's GQA, no copy
+    assert calls[L:2 * L] == [("cpu", H, KV, False, True)] * L  # unmasked: SDPA's GQA
+    assert calls[2 * L:] == [("meta", H, H, True, False)]  # elsewhere, masked: K/V expanded first
+    assert torch.equal(got, ref)
 
 
 def test_step_zero_log_ratio_is_exactly_zero(tmp_path):
