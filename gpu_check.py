@@ -174,6 +174,7 @@ class CardMemory:
         import torch
         for c in self.cards:
             torch.cuda.synchronize(c)
+            torch.cuda.empty_cache()  # blocks cached by what came before are not this phase's peak
             torch.cuda.reset_peak_memory_stats(c)
 
     def rows(self, plan_rows, phase):
@@ -406,16 +407,18 @@ def e2e(c: Check, vllm=False):
         tmp = Path(tmp)
         # vLLM's attention kernels take no heads smaller than 64 (hidden 256, 4 heads)
         make_tiny_model(tmp / "model", hidden=256 if vllm else 64)
-        # Checks a random model's answers meet about half the time, so the K answers rarely tie
-        # and there are pairs to train on.
-        checks = [{"type": "max_chars", "n": 30}, {"type": "no_commas"}, {"type": "include_word", "word": "the"}]
-        for name, n in (("train", 6), ("heldout", 4)):
+        # A check a random model's answers meet about half the time: its 12 new tokens decode to
+        # 10-21 characters. With 12 prompts the K answers of every prompt tie (no pair to train on)
+        # with odds of about 1e-7; a bound of 30 characters, met by every answer, tied every prompt
+        # on one seed in six (measured on CPU; it did on the first H200 run).
+        checks = [{"type": "max_chars", "n": 15}, {"type": "no_commas"}]
+        for name, n in (("train", 12), ("heldout", 4)):
             rows = [{"id": f"{name}{i}", "prompt": f"say something short number {i} please", "checks": checks}
                     for i in range(n)]
             (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         argv = ["--model", str(tmp / "model"), "--prompts", str(tmp / "train.jsonl"), "--heldout",
                 str(tmp / "heldout.jsonl"), "--runs-dir", str(tmp / "runs"), "--name", "e2e", "--iters", "1",
-                "--prompts-per-iter", "6", "--eval-prompts", "4", "--k", "3", "--max-new-tokens", "12",
+                "--prompts-per-iter", "12", "--eval-prompts", "4", "--k", "3", "--max-new-tokens", "12",
                 "--gen-batch", "6", "--eval-batch", "4", "--batch-size", "2", "--epochs", "1", "--lora-r", "4",
                 "--lr", "1e-3", "--eta", "2", "--judge-batch", "4", "--merged-dtype", "bfloat16", "--ckpt-every", "1"]
         if vllm:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import gpu_check as G
+import pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2 ** 30
@@ -82,7 +83,7 @@ def test_a_peak_more_than_10_percent_over_the_plan_fails_and_within_10_percent_p
 
 
 def test_two_stages_on_one_card_are_planned_as_one_card_with_one_context():
-    ctx = 0.5 * GIB
+    ctx = pipeline.CONTEXT  # each card pays it once
     rows = [{"device": "cuda:0", "layers": "0-15", "train": 4 * GIB + ctx, "sample": 9 * GIB + ctx},
             {"device": "cuda:0", "layers": "16-31", "train": 7 * GIB + ctx, "sample": 9 * GIB + ctx}]
     assert G.planned_by_card(rows, "train") == {"cuda:0": ("0-15+16-31", 11 * GIB + ctx)}
