@@ -1,8 +1,9 @@
-"""checks.py: every bad start refused before anything is loaded or written. A flag out of its
-range, a device that is not there, a judge without its files, a flag the chosen loss would
-silently ignore, a prompt file that leaves an iteration with nothing to do: each is one line
-naming the flag (or the file and line), so that a typo costs a second, not a run folder that
-then refuses the corrected command.
+"""checks.py: the command line (parse_args: one flag per Settings field; fail: the one-line
+`error:` and exit 2), and every bad start refused before anything is loaded or written. A flag
+out of its range, a device that is not there, a judge without its files, a flag the chosen loss
+would silently ignore, a prompt file that leaves an iteration with nothing to do: each is one
+line naming the flag (or the file and line), so that a typo costs a second, not a run folder
+that then refuses the corrected command.
 
 The loaders check their own files (data.load_prompts, data.Tokenizer.from_dir,
 model.Config.from_hf, model.check_headers); this file checks what only the settings know."""
