@@ -133,9 +133,14 @@ def whole_batch(loss, log, weight):
         return loss.item(), log
     merged = {}
     for theirs in gather(log if weight else {}):
-        for k, v in theirs.items():
-            merged[k] = merged.get(k, 0 if k == "tokens" else []) + v
+        merge_log(merged, theirs)
     return sum(gather(loss.item() * weight / world())), merged
+
+
+def merge_log(into, log):
+    """A training step's log added to another: lists joined, "tokens" summed."""
+    for k, v in log.items():
+        into[k] = into.get(k, 0 if k == "tokens" else []) + v
 
 
 class _Scorer(torch.nn.Module):

@@ -411,8 +411,7 @@ def train(s, tok, policy_dir, pairs, work_dir, adapter_dir, track=None, step_off
             mine, weight = parallel.share_of(mb)  # with torchrun the ranks split each micro-batch
             loss, got = train_step(score, [pairs[i] for i in mine], s, tok.pad_id, dev)
             whole, got = parallel.whole_batch(loss, got, weight)
-            for k, v in got.items():
-                seen[k] = seen.get(k, 0 if k == "tokens" else []) + v
+            parallel.merge_log(seen, got)  # the optimizer step's micro-batches, for the log
             if not math.isfinite(whole):
                 runs.not_finite(f"loss is {whole}", step, ckpt)
             (loss * weight / len(micro)).backward()
@@ -494,8 +493,9 @@ def kl_estimate(s, tok, old_dir, new_dir, rows, out_path):
                  desc="KL samples")
     if not parallel.is_main():
         return None
-    batches = [seq_tensors([g["prompt_ids"] for g in got[i:i + s.batch_size]], [g["response_ids"][0] for g in got[i:i + s.batch_size]],
-                           s, tok.pad_id, pipeline.device_of(s)) for i in range(0, len(got), s.batch_size)]
+    chunks = [got[i:i + s.batch_size] for i in range(0, len(got), s.batch_size)]
+    batches = [seq_tensors([g["prompt_ids"] for g in c], [g["response_ids"][0] for g in c], s, tok.pad_id, pipeline.device_of(s))
+               for c in chunks]
 
     @torch.no_grad()
     def logps(model_dir):
