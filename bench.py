@@ -7,6 +7,7 @@ transformers' generate. Same model, same data, same dtype, same threads. Rows:
   training step   SPPO loss on a batch of pairs (sequence <= 256): forward of chosen + rejected,
                   backward, AdamW step; tokens/s and peak memory
   scoring         reference log-probs (no grad, sum over response tokens); tokens/s
+  (both count the tokens of prompt + chosen and prompt + rejected; ours runs each prompt once)
   sampling        tokens/s at batch 1 and 16, temperature/top-p sampling, no early stop
 
 Every measurement runs in a child process (a training step's peak memory must not include the
@@ -110,8 +111,12 @@ def train_settings(b):
 
 
 def batch_tensors(b, pairs, pad_id, dev):
-    """ids, response mask (sppo.pair_tensors) and the attention mask transformers is given."""
-    ids, resp = sppo.pair_tensors(pairs, train_settings(b), pad_id, dev)
+    """Theirs: chosen and rejected as rows of their own (TRL's concatenated batch), as ids,
+    response mask and the attention mask transformers is given. Ours computes each prompt once
+    (sppo.pair_tensors); both rates count these rows' tokens, the same work."""
+    s = train_settings(b)
+    ids, resp = sppo.seq_tensors([p["prompt_ids"] for p in pairs] * 2,
+                                 [p["chosen_ids"] for p in pairs] + [p["rejected_ids"] for p in pairs], s, pad_id, dev)
     last = (resp.long() * torch.arange(ids.shape[1], device=dev)).argmax(1, keepdim=True)
     attn = torch.arange(ids.shape[1], device=dev)[None] <= last
     return ids, resp, attn
@@ -290,9 +295,10 @@ def peak_mib(dev):
 
 # ----------------------------------------------------------------------------- 2-3. scoring and sampling
 
-def score_ours(m, ids, resp):
+def score_ours(m, ids, seg):
+    """As sppo.make_pairs scores: pair rows. -> chosen then rejected, as theirs."""
     with torch.no_grad():
-        return M.sequence_logps(m, ids, resp)
+        return M.sequence_logps(m, ids, seg).T.reshape(-1)
 
 
 def score_theirs(m, ids, resp, attn):
@@ -320,7 +326,9 @@ def inference(b, dev, stacks=("ours", "theirs")):
     """Scoring and sampling in one process, alternating ours/theirs each round; with one stack
     (b.split) that stack alone, the other's side of each job left out."""
     vocab, pad = vocab_and_pad(b)
-    ids, resp, attn = batch_tensors(b, make_pairs(b, vocab, pad), pad, dev)
+    pairs = make_pairs(b, vocab, pad)
+    ids, resp, attn = batch_tensors(b, pairs, pad, dev)
+    pair_ids, seg = sppo.pair_tensors(pairs, train_settings(b), pad, dev)
     tokens = int(attn.sum())
     ours_q = load_ours(b, dev, True) if "ours" in stacks else None
     theirs_q = load_theirs(b, dev, True) if "theirs" in stacks else None
@@ -331,7 +339,7 @@ def inference(b, dev, stacks=("ours", "theirs")):
     if theirs_q is not None:
         theirs_q.train()
     on = lambda m, fn: None if m is None else fn  # noqa: E731 (a stack not in this process has no side)
-    jobs = {"scoring": (on(ours_q, lambda: score_ours(ours_q, ids, resp)), on(theirs_q, lambda: score_theirs(theirs_q, ids, resp, attn)))}
+    jobs = {"scoring": (on(ours_q, lambda: score_ours(ours_q, pair_ids, seg)), on(theirs_q, lambda: score_theirs(theirs_q, ids, resp, attn)))}
     logps = {w: fn and fn().tolist() for w, fn in zip(("ours", "theirs"), jobs["scoring"])}  # also the warm-ups
     results = {}
     measure_rounds(b, dev, jobs, results, lambda out: tokens)

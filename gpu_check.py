@@ -317,28 +317,26 @@ def step_train(c: Check):
     rows, train_tok_s, m = pipeline.check(cfg, devices, w, s.micro_batches, steps=2 if c.tiny else 3)
     memory = mem.rows(rows, "train")
     # Reference scoring (make_pairs' stage): the same forward without gradients.
-    ids = torch.randint(0, cfg.vocab_size, (w.train_seqs, w.seq_len), device=devices[0])
-    resp = torch.zeros_like(ids, dtype=torch.bool)
-    resp[:, w.seq_len - w.resp_len:] = True
+    ids, seg = pipeline.pair_rows(cfg, w, devices[0])
     def score_rate(chunks):
         times = []
         for _ in range(3):
             t = time.perf_counter()
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=c.cuda):
-                M.sequence_logps(pipeline.micro_batched(m, chunks), ids, resp)
+                M.sequence_logps(pipeline.micro_batched(m, chunks), ids, seg)
             sync(devices)
             times.append(time.perf_counter() - t)
-        return w.train_seqs * w.seq_len / min(times[1:])
+        return ids.numel() / min(times[1:])
 
     score_tok_s = score_rate(s.micro_batches)
     # GPipe's overlap: split over two cards, micro-batches let both work at once
     overlap = score_tok_s / score_rate(1) if len(set(devices)) > 1 and s.micro_batches > 1 else None
     return {"ok": True, "memory": memory, "rates": {"train_tok_s": train_tok_s, "score_tok_s": score_tok_s},
             "bounds": m.stage_bounds, "gpipe_overlap": overlap,
-            "shape": f"{w.train_seqs} sequences x {w.seq_len}, {s.micro_batches} micro-batches"
+            "shape": f"{ids.shape[0]} pair rows x {ids.shape[1]}, {s.micro_batches} micro-batches"
             f"{', grad-ckpt' if w.grad_ckpt else ''}",
             "summary": f"training {train_tok_s:,.0f} tokens/s, reference scoring {score_tok_s:,.0f} tokens/s "
-                       f"({w.train_seqs} sequences x {w.seq_len}, layers {m.stage_bounds})"
+                       f"({ids.shape[0]} pair rows x {ids.shape[1]}, layers {m.stage_bounds})"
                        + (f"; {s.micro_batches} micro-batches score {overlap:.2f}x as fast as 1 (GPipe overlap)"
                           if overlap else "")}
 

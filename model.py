@@ -404,6 +404,9 @@ class Transformer(nn.Module):
         """Token embeddings and what every layer needs: ctx = (cos, sin, mask, slot, window_mask);
         full-attention layers use mask, sliding-window layers window_mask."""
         B, T = idx.shape
+        full = None
+        if attn_mask is not None and attn_mask.dim() == 4:  # a whole (B, 1, T, T) mask (sequence_logps' pair rows)
+            full, attn_mask = attn_mask, None
         if attn_mask is not None:
             attn_mask = attn_mask.bool()
         if pos is None:
@@ -420,6 +423,8 @@ class Transformer(nn.Module):
         def mask_for(window):
             if slot is not None:
                 return attention_mask(valid, self.cache_valid[:, :slot + T], slot, window)
+            if full is not None:  # a window counts positions, which a pair row's second response restarts
+                return full if window is None or T <= window else full & (pos[:, None, :, None] - pos[:, None, None, :] < window)
             if attn_mask is None and (window is None or T <= window):
                 return None
             return attention_mask(valid, valid, 0, window)
@@ -853,29 +858,50 @@ def prefill(model, idx, mask, pos, lengths, waste=0.15):
     return torch.cat([o.to(idx.device) for o in out])
 
 
-def sequence_logps(model, ids, resp_mask):
-    """sum_t log pi(y_t | x, y_<t) over each row's response tokens (prompt tokens masked), for
-    right-padded rows ids (B, T). Right padding needs no attention mask: with causal attention
-    no real token sees a pad.
+def sequence_logps(model, ids, resp):
+    """sum_t log pi(y_t | x, y_<t) over the response tokens of right-padded rows ids (B, T).
+
+    resp (B, T) says which tokens are scored. Bool: True on the one response of each row
+    (prompt x then response y) -> (B,). Or integer segment ids for a pair row, x y_w y_l with
+    its prompt computed once (sppo.pair_tensors): 0 on prompt and padding, 1 on y_w, 2 on y_l
+    -> (B, 2). y_l attends to x and itself, not to y_w, and its positions restart where y_w's
+    began, so each response is scored exactly as in a row of its own (pair_row_layout).
+    Right padding needs no attention mask: with causal attention no real token sees a pad.
 
     Rows run in groups of similar length, each cut to its longest row, so little time goes to
     padding (length_groups). The LM head runs only where a response token is predicted: with a
     49k-128k vocabulary the logits of prompt and padding positions would cost as much as the
-    rest of the model. model: a Transformer, or anything with the same forward(ids, head=False)
-    and logits(h), e.g. pipeline.GPipe, the micro-batched schedule over split devices."""
-    ends = (resp_mask.long() * torch.arange(1, ids.shape[1] + 1, device=ids.device)).amax(1).clamp(min=1).tolist()
+    rest of the model. model: a Transformer, or anything with the same forward(ids, head=False,
+    attn_mask, pos) and logits(h), e.g. pipeline.GPipe, the micro-batched schedule over split devices."""
+    n = 1 if resp.dtype == torch.bool else 2
+    seg = resp.long()
+    ends = ((seg > 0).long() * torch.arange(1, ids.shape[1] + 1, device=ids.device)).amax(1).clamp(min=1).tolist()
     parts, order = [], []
     for g in length_groups(ends):
         T = ends[g[0]]
-        g_ids, g_mask = (ids, resp_mask) if len(g) == len(ends) else (ids[g], resp_mask[g])
-        h = model(g_ids[:, :T], head=False)[:, :-1]
-        g_ids, where = g_ids[:, :T].to(h.device), g_mask[:, 1:T].to(h.device)
-        logits = model.logits(h[where]).float()
-        logp = -F.cross_entropy(logits, g_ids[:, 1:][where], reduction="none")
-        rows = torch.arange(len(g), device=h.device)[:, None].expand_as(where)[where]
-        parts.append(torch.zeros(len(g), device=h.device, dtype=logp.dtype).index_add(0, rows, logp))
+        g_ids, g_seg = (ids, seg) if len(g) == len(ends) else (ids[g], seg[g])
+        g_ids, g_seg = g_ids[:, :T], g_seg[:, :T]
+        prev, kw = pair_row_layout(g_seg) if n == 2 else (torch.arange(-1, T - 1, device=ids.device).expand(len(g), T), {})
+        h = model(g_ids, head=False, **kw)
+        b, t = (g_seg > 0).nonzero(as_tuple=True)  # the scored tokens, row by row
+        b, t, g_ids, g_seg, prev = b.to(h.device), t.to(h.device), g_ids.to(h.device), g_seg.to(h.device), prev.to(h.device)
+        logits = model.logits(h[b, prev[b, t]]).float()  # the position that predicts each scored token
+        logp = -F.cross_entropy(logits, g_ids[b, t], reduction="none")
+        parts.append(torch.zeros(len(g) * n, device=h.device, dtype=logp.dtype).index_add(0, b * n + g_seg[b, t] - 1, logp).view(len(g), n))
         order += g
-    if len(parts) == 1:
-        return parts[0]
-    return torch.cat(parts)[torch.tensor(order, device=parts[0].device).argsort()]
+    out = parts[0] if len(parts) == 1 else torch.cat(parts)[torch.tensor(order, device=parts[0].device).argsort()]
+    return out[:, 0] if n == 1 else out
 
+
+def pair_row_layout(seg):
+    """For pair rows x y_w y_l (segment ids 0, 1, 2): which position predicts each token (the one
+    before it; y_l's first token: x's last), and the model's positions and (B, 1, T, T) mask:
+    causal, except that y_l never sees y_w, and y_l's positions follow x's as in a row of its own."""
+    T = seg.shape[1]
+    i = torch.arange(T, device=seg.device)
+    n_w = (seg == 1).sum(1, keepdim=True)
+    x_len = (seg == 1).long().argmax(1, keepdim=True)  # y_w's first token
+    pos = i - (seg == 2) * n_w
+    prev = torch.where(i == x_len + n_w, x_len - 1, i - 1)
+    mask = (i[:, None] >= i[None, :]) & ((seg[:, :, None] != 2) | (seg[:, None, :] != 1))
+    return prev, {"attn_mask": mask[:, None], "pos": pos}

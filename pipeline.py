@@ -97,12 +97,12 @@ def device_map(bounds, devices):
 class GPipe(torch.nn.Module):
     """A model split over devices, run in micro-batches in GPipe's order: wraps the built model
     from outside and offers what model.sequence_logps needs, forward(ids, head=False) and
-    logits(h). Used for training and scoring (right-padded rows; no KV cache).
+    logits(h). Used for training and scoring (right-padded rows, pair rows' masks; no KV cache).
 
     The batch is cut into `chunks` micro-batches; at tick k stage s runs micro-batch k - s,
     the last stage's work issued first.
-    The result equals model(ids, head=False): rows never interact (no attention mask needed
-    with right padding), so only the order of the work changes.
+    The result equals model(ids, head=False, attn_mask, pos): rows never interact, so only the
+    order of the work changes.
     """
 
     def __init__(self, model, chunks):
@@ -112,11 +112,13 @@ class GPipe(torch.nn.Module):
     def logits(self, h):
         return self.model.logits(h)
 
-    def forward(self, ids, head=False):
+    def forward(self, ids, head=False, attn_mask=None, pos=None):
         assert not head, "GPipe returns hidden states; the caller runs the head where it needs it"
         model = self.model
         bounds = getattr(model, "stage_bounds", None) or [0, len(model.layers)]
-        parts = list(ids.chunk(max(1, min(self.chunks, ids.shape[0]))))
+        n = max(1, min(self.chunks, ids.shape[0]))
+        parts = list(ids.chunk(n))
+        masks, poss = [list(x.chunk(n)) if x is not None else [None] * len(parts) for x in (attn_mask, pos)]
         xs, ctxs = [None] * len(parts), [None] * len(parts)
         n_stages = len(bounds) - 1
         for tick in range(len(parts) + n_stages - 1):
@@ -128,7 +130,7 @@ class GPipe(torch.nn.Module):
                 if not 0 <= m < len(parts):
                     continue
                 if s == 0:
-                    xs[m], ctxs[m] = model.embed(parts[m])
+                    xs[m], ctxs[m] = model.embed(parts[m], masks[m], poss[m])
                 xs[m], ctxs[m] = run_stage(model, xs[m], ctxs[m], bounds[s], bounds[s + 1])
         return torch.cat([model.finish(x, head=False) for x in xs])
 
@@ -153,8 +155,8 @@ class Workload:
     """What a run asks of the devices; sppo.py fills it from its flags."""
     lora_r: int = 16
     targets: tuple = quant.LINEARS  # the LoRA-adapted linears of each block
-    train_seqs: int = 16          # sequences per optimizer micro-batch: 2 per pair (chosen, rejected)
-    seq_len: int = 256            # prompt + response tokens in training
+    train_seqs: int = 16          # 2 per pair in a training micro-batch: a pair's row (prompt, chosen,
+    seq_len: int = 256            # rejected) has at most 2 x seq_len tokens, seq_len = the longest prompt + response
     resp_len: int = 96            # response tokens per sequence (where the LM head runs)
     grad_ckpt: bool = False
     gen_batch: int = 24           # prompts sampled together
@@ -170,16 +172,18 @@ def workload(s, compute_bytes):
                     gen_len=s.max_prompt_len + s.max_new_tokens, compute_bytes=compute_bytes)
 
 
-def activation_bytes(cfg: M.Config, c):
+def activation_bytes(cfg: M.Config, c, expanded_kv=False):
     """Bytes one block keeps for backward per token, counted from the code (model.Block with
     LoRA on all seven linears): in the compute dtype, the normed inputs, q/k/v before and
     after RoPE, the attention output, o_proj's input, three (tokens x ffn) MLP tensors (gate,
     up and down_proj's input; act(gate) is recomputed in backward, model.GatedAct); in
     float32, both RMSNorms' upcast inputs. (LoRA's own inputs are the linears' inputs, already
     counted: under bf16 autocast LoRALinear leaves them in bf16.) tests/test_pipeline.py checks
-    this against the bytes autograd actually saves (in float32; `make gpu-check` in bf16)."""
+    this against the bytes autograd actually saves (in float32; `make gpu-check` in bf16).
+    expanded_kv: off CPU, attention with a mask (training's pair rows always have one) runs on
+    K/V expanded to every query head (model.Attention.attend), and keeps them too."""
     d, kv, f = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.ffn_dim
-    return c * (2 * cfg.dim + 4 * d + 4 * kv + 3 * f) + 4 * 2 * cfg.dim
+    return c * (2 * cfg.dim + 4 * d + 4 * kv + 3 * f + (2 * d if expanded_kv else 0)) + 4 * 2 * cfg.dim
 
 
 def stage_costs(cfg: M.Config, w: Workload):
@@ -190,7 +194,7 @@ def stage_costs(cfg: M.Config, w: Workload):
     _, nf4_block = quant.shape_bytes(_one_block(cfg), r=0)
     lora = sum(16 * w.lora_r * (i + o) for name, (o, i) in _linears(cfg).items() if name in w.targets)
     tokens = w.train_seqs * w.seq_len
-    act = tokens * (c * cfg.dim if w.grad_ckpt else activation_bytes(cfg, c))
+    act = tokens * (c * cfg.dim if w.grad_ckpt else activation_bytes(cfg, c, expanded_kv=c < 4))
     block_params = sum(o * i for o, i in _linears(cfg).values()) + 2 * cfg.dim
     kv = 2 * cfg.n_kv_heads * cfg.head_dim * c * w.gen_batch * w.gen_len
     return nf4_block + lora + act * (1 + CACHE_SLACK), c * block_params + kv * (1 + CACHE_SLACK)
@@ -218,7 +222,7 @@ def edge_costs(cfg: M.Config, w: Workload, split):
     # copy and the float32 log-softmax cross-entropy keeps for backward.
     logits = w.train_seqs * w.resp_len * V * (c + 8)
     gen_logits = w.gen_batch * V * 4
-    recompute = w.train_seqs * w.seq_len * activation_bytes(cfg, c) if w.grad_ckpt else 0
+    recompute = w.train_seqs * w.seq_len * activation_bytes(cfg, c, expanded_kv=c < 4) if w.grad_ckpt else 0
     first = (emb, emb)
     last = (head + (logits + recompute) * (1 + CACHE_SLACK), head + gen_logits * (1 + CACHE_SLACK))
     return first, last
@@ -343,9 +347,7 @@ def check(cfg: M.Config, devices, w: Workload, micro_batches=2, steps=3):
     m.grad_ckpt = w.grad_ckpt
     params = list(lora.lora_params(m).values())
     opt = torch.optim.AdamW(params, lr=1e-4)
-    ids = torch.randint(0, cfg.vocab_size, (w.train_seqs, w.seq_len), device=devices[0])
-    resp = torch.zeros_like(ids, dtype=torch.bool)
-    resp[:, w.seq_len - w.resp_len:] = True
+    ids, seg = pair_rows(cfg, w, devices[0])
     if cuda:
         # what building left in the allocator's cache is not training's: give it back, then count
         # (the first H200 run counted it: 17.0 GiB reserved against 14.35 GiB allocated)
@@ -356,7 +358,7 @@ def check(cfg: M.Config, devices, w: Workload, micro_batches=2, steps=3):
     for _ in range(steps):
         t = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            logps = M.sequence_logps(micro_batched(m, micro_batches), ids, resp)  # as sppo.train_step
+            logps = M.sequence_logps(micro_batched(m, micro_batches), ids, seg)  # as sppo.train_step
         (logps.float() / w.resp_len).pow(2).mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -364,15 +366,25 @@ def check(cfg: M.Config, devices, w: Workload, micro_batches=2, steps=3):
             for d in devices:
                 torch.cuda.synchronize(d)
         times.append(time.perf_counter() - t)
-    tok_s = w.train_seqs * w.seq_len / min(times[1:] or times)
+    tok_s = ids.numel() / min(times[1:] or times)
     print("| device | layers | planned training peak | measured peak |\n|---|---|---|---|")
     for r in rows:
         got = (f"{(torch.cuda.max_memory_allocated(r['device']) + CONTEXT) / GiB:.2f} GiB allocated (incl. {CONTEXT / GiB:.2f} context)"
                if cuda else "n/a (not measurable per device on CPU)")
         print(f"| {r['device']} | {r['layers']} | {r['train'] / GiB:.2f} GiB | {got} |")
-    print(f"training: {tok_s:.0f} tokens/s ({w.train_seqs} sequences x {w.seq_len}, {micro_batches} micro-batches, "
+    print(f"training: {tok_s:.0f} tokens/s ({ids.shape[0]} pair rows x {ids.shape[1]}, {micro_batches} micro-batches, "
           f"grad_ckpt={w.grad_ckpt}, best of {steps} steps after the first)")
     return rows, tok_s, m
+
+
+def pair_rows(cfg: M.Config, w: Workload, device, seed=0):
+    """Random training rows as sppo.pair_tensors lays them out: train_seqs / 2 pairs, each a
+    prompt of seq_len - resp_len tokens, then chosen and rejected of resp_len. -> ids, segment ids."""
+    g = torch.Generator().manual_seed(seed)
+    x = w.seq_len - w.resp_len
+    ids = torch.randint(0, cfg.vocab_size, (w.train_seqs // 2, x + 2 * w.resp_len), generator=g).to(device)
+    seg = torch.tensor([0] * x + [1] * w.resp_len + [2] * w.resp_len, device=device).expand_as(ids)
+    return ids, seg
 
 
 def main(argv=None):

@@ -182,21 +182,20 @@ def sppo_targets(kind, p_win, p_lose, p_wl, eta):
 
 def train_step(score, batch, s, pad_id, dev, amp=None):
     """One micro-batch: policy log-probs of chosen and rejected in one forward, then the loss.
-    score(ids, mask) -> log-probs: model.sequence_logps on the policy (or on pipeline.GPipe over
+    score(ids, seg) -> log-probs: model.sequence_logps on the policy (or on pipeline.GPipe over
     it), or under torchrun its DDP wrapper. -> (mean loss, what the log shows: each pair's
     log-ratios of chosen and rejected, their SPPO targets (None for dpo/ipo), the tokens run)."""
-    ids, mask = pair_tensors(batch, s, pad_id, dev)
+    ids, seg = pair_tensors(batch, s, pad_id, dev)
     with autocast(dev, amp):
-        logps = score(ids, mask)
-    n = len(batch)
+        logps = score(ids, seg)
     f = lambda key: torch.tensor([p[key] for p in batch], device=logps.device, dtype=torch.float32)
     ref_w, ref_l = f("ref_chosen_logp"), f("ref_rejected_logp")
     probs = f("chosen_probs_win"), f("chosen_probs_lose"), f("chosen_probs")
-    losses = preference_loss(s.loss, logps[:n], logps[n:], ref_w, ref_l, *probs, s.eta, s.beta)
+    losses = preference_loss(s.loss, logps[:, 0], logps[:, 1], ref_w, ref_l, *probs, s.eta, s.beta)
     targets = sppo_targets(s.loss, *probs, s.eta) if s.loss in ("sppo", "sppo_single") else (None, None)
-    seen = {"logr_w": logps[:n] - ref_w, "logr_l": logps[n:] - ref_l, "target_w": targets[0], "target_l": targets[1]}
+    seen = {"logr_w": logps[:, 0] - ref_w, "logr_l": logps[:, 1] - ref_l, "target_w": targets[0], "target_l": targets[1]}
     seen = {k: v.detach().tolist() for k, v in seen.items() if v is not None}
-    seen["tokens"] = int((mask.long() * torch.arange(1, mask.shape[1] + 1, device=mask.device)).amax(1).sum())
+    seen["tokens"] = int(((seg > 0).long() * torch.arange(1, seg.shape[1] + 1, device=seg.device)).amax(1).sum())
     return losses.mean(), seen
 
 
@@ -218,24 +217,33 @@ def batch_order(s, n):
 
 
 def pair_tensors(pairs, s, pad_id, device):
-    """[chosen..., rejected...] as seq_tensors."""
-    prompts = [p["prompt_ids"] for p in pairs]
-    return seq_tensors(prompts * 2, [p["chosen_ids"] for p in pairs] + [p["rejected_ids"] for p in pairs], s, pad_id, device)
+    """One row per pair, x y_w y_l, so that the prompt is computed once, not once per response:
+    right-padded ids and segment ids (0 prompt and padding, 1 chosen, 2 rejected), which
+    model.sequence_logps scores as if each response followed the prompt in a row of its own."""
+    rows, segs = [], []
+    for p in pairs:
+        (x, y_w), y_l = fit(p["prompt_ids"], p["chosen_ids"], s), fit(p["prompt_ids"], p["rejected_ids"], s)[1]
+        rows.append(x + y_w + y_l)
+        segs.append([0] * len(x) + [1] * len(y_w) + [2] * len(y_l))
+    return padded(rows, pad_id, device), padded(segs, 0, device)
 
 
 def seq_tensors(prompts, responses, s, pad_id, device):
-    """Right-padded prompt + response sequences and masks of their response tokens.
-    Too-long prompts keep their end (the instruction's last words and the assistant header)."""
-    seqs, masks = [], []
-    for prompt, resp in zip(prompts, responses):
-        prompt = prompt[-s.max_prompt_len:]
-        resp = resp[:max(1, s.max_len - len(prompt))]
-        seqs.append(prompt + resp)
-        masks.append([0] * len(prompt) + [1] * len(resp))
-    T = max(map(len, seqs))
-    ids = torch.tensor([x + [pad_id] * (T - len(x)) for x in seqs], device=device)
-    mask = torch.tensor([m + [0] * (T - len(m)) for m in masks], device=device, dtype=torch.bool)
-    return ids, mask
+    """Right-padded prompt + response rows and masks of their response tokens."""
+    rows = [fit(x, y, s) for x, y in zip(prompts, responses)]
+    return padded([x + y for x, y in rows], pad_id, device), padded([[0] * len(x) + [1] * len(y) for x, y in rows], 0, device).bool()
+
+
+def fit(prompt, resp, s):
+    """Prompt and response cut to --max-prompt-len and --max-len. Too-long prompts keep their
+    end (the instruction's last words and the assistant header)."""
+    prompt = prompt[-s.max_prompt_len:]
+    return prompt, resp[:max(1, s.max_len - len(prompt))]
+
+
+def padded(rows, value, device):
+    T = max(map(len, rows))
+    return torch.tensor([r + [value] * (T - len(r)) for r in rows], device=device)
 
 
 # ----------------------------------------------------------------------------- 1. generate
@@ -354,10 +362,10 @@ def make_pairs(s, tok, policy_dir, responses, judgments, out_path):
     dev = pipeline.device_of(s)
 
     def work(c, batch, base):
-        ids, mask = pair_tensors(batch, s, tok.pad_id, dev)
+        ids, seg = pair_tensors(batch, s, tok.pad_id, dev)
         with torch.no_grad(), autocast(dev):
-            lp = M.sequence_logps(base, ids, mask).tolist()
-        return [dict(p, ref_chosen_logp=lp[j], ref_rejected_logp=lp[len(batch) + j]) for j, p in enumerate(batch)]
+            lp = M.sequence_logps(base, ids, seg).tolist()
+        return [dict(p, ref_chosen_logp=w, ref_rejected_logp=l) for p, (w, l) in zip(batch, lp)]
 
     # scored in training's first-epoch batches, as training will score them (see autocast)
     batches = [[pairs[i] for i in b] for b in batch_order(s, len(pairs))[:math.ceil(len(pairs) / s.batch_size)]]

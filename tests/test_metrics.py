@@ -52,8 +52,8 @@ def test_step_log_holds_hand_computed_margin_accuracy_targets_and_clip_grad_norm
     twin.train()
     ids, mask = sppo.pair_tensors(pairs, s, tok.pad_id, "cpu")
     logp = M.sequence_logps(twin, ids, mask)
-    lw = [logp[i].item() - p["ref_chosen_logp"] for i, p in enumerate(pairs)]
-    ll = [logp[3 + i].item() - p["ref_rejected_logp"] for i, p in enumerate(pairs)]
+    lw = [logp[i, 0].item() - p["ref_chosen_logp"] for i, p in enumerate(pairs)]
+    ll = [logp[i, 1].item() - p["ref_rejected_logp"] for i, p in enumerate(pairs)]
     tw = [4.0 * (p["chosen_probs_win"] - 0.5) for p in pairs]
     tl = [4.0 * (p["chosen_probs_lose"] - 0.5) for p in pairs]
     assert got["logr_chosen"] == pytest.approx(sum(lw) / 3, abs=1e-4)
@@ -64,8 +64,8 @@ def test_step_log_holds_hand_computed_margin_accuracy_targets_and_clip_grad_norm
     assert got["target_chosen"] == pytest.approx(sum(tw) / 3) and got["target_rejected"] == pytest.approx(sum(tl) / 3)
     assert got["abs_logr"] == pytest.approx(sum(map(abs, lw + ll)) / 6, abs=1e-4)
     loss = sum((a - x) ** 2 + (b - y) ** 2 for a, b, x, y in zip(
-        [logp[i] - p["ref_chosen_logp"] for i, p in enumerate(pairs)],
-        [logp[3 + i] - p["ref_rejected_logp"] for i, p in enumerate(pairs)], tw, tl)) / 2 / 3
+        [logp[i, 0] - p["ref_chosen_logp"] for i, p in enumerate(pairs)],
+        [logp[i, 1] - p["ref_rejected_logp"] for i, p in enumerate(pairs)], tw, tl)) / 2 / 3
     assert got["loss"] == pytest.approx(loss.item(), rel=1e-5)
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(list(lora.lora_params(twin).values()), s.clip)

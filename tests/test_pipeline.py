@@ -177,7 +177,10 @@ def test_activation_estimate_matches_what_autograd_saves(tiny):
     m.train()
     B, T = 4, 32
     x = torch.randn(B, T, m.cfg.dim, requires_grad=True)
-    cos, sin = M.rope_cos_sin(m.inv_freq, torch.arange(T).expand(B, T), x.dtype)
+    # a training row's mask and positions (prompt, chosen, rejected: sppo.pair_tensors)
+    _, kw = M.pair_row_layout(torch.tensor([0] * 12 + [1] * 10 + [2] * 10).expand(B, T))
+    mask = kw["attn_mask"]
+    cos, sin = M.rope_cos_sin(m.inv_freq, kw["pos"], x.dtype)
     seen = {}
 
     def pack(t):
@@ -186,9 +189,9 @@ def test_activation_estimate_matches_what_autograd_saves(tiny):
 
     lora_and_weights = {p.untyped_storage().data_ptr() for p in m.parameters()} | \
                        {b.untyped_storage().data_ptr() for b in m.buffers()} | \
-                       {cos.untyped_storage().data_ptr(), sin.untyped_storage().data_ptr()}
+                       {cos.untyped_storage().data_ptr(), sin.untyped_storage().data_ptr(), mask.untyped_storage().data_ptr()}
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        m.layers[0](x, cos, sin, None).sum().backward()
+        m.layers[0](x, cos, sin, mask).sum().backward()
     measured = sum(n for ptr, n in seen.items() if ptr not in lora_and_weights) / (B * T)
     estimate = pipeline.activation_bytes(m.cfg, 4)
     print(f"activation bytes per token per block: measured {measured:.0f}, estimated {estimate:.0f}")

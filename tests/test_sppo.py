@@ -214,23 +214,32 @@ def reference_run(tiny_setup, tmp_path_factory):
 
 
 def test_sequence_logps_equal_transformers_log_probs_of_response_tokens(tiny_setup):
+    """A pair row (prompt once, then chosen, then rejected) scores each response as transformers
+    does with the prompt and that response alone; so do rows of one response."""
     import model as M
     from transformers import AutoModelForCausalLM
     s = sppo.parse_args(run_args(tiny_setup, tiny_setup) + ["--max-len", "20", "--max-prompt-len", "6"])
     pairs = [{"prompt_ids": [5, 6, 7, 8, 9, 10, 11, 12], "chosen_ids": [20, 21, 22, 2], "rejected_ids": [30] * 15},
-             {"prompt_ids": [40, 41], "chosen_ids": [50, 51], "rejected_ids": [60, 61, 62]}]
-    ids, mask = sppo.pair_tensors(pairs, s, 0, "cpu")
-    # truncation: the prompt keeps its last 6 tokens, the response fills up to max_len = 20
-    assert ids[0, :6].tolist() == [7, 8, 9, 10, 11, 12] and ids[2, 6:20].tolist() == [30] * 14
+             {"prompt_ids": [40, 41], "chosen_ids": [50, 51, 52, 53, 54, 55], "rejected_ids": [60, 61, 62]},
+             {"prompt_ids": [70, 71, 72], "chosen_ids": [80], "rejected_ids": [90, 91]}]
+    ids, seg = sppo.pair_tensors(pairs, s, 0, "cpu")
+    # truncation: the prompt keeps its last 6 tokens, each response fills up to max_len = 20
+    assert ids[0, :10].tolist() == [7, 8, 9, 10, 11, 12, 20, 21, 22, 2] and ids[0, 10:].tolist() == [30] * 14
+    hf = AutoModelForCausalLM.from_pretrained(tiny_setup / "model", torch_dtype=torch.float32)
+    model = M.load_model(tiny_setup / "model")
+
+    def want(prompt, resp):
+        row = torch.tensor(prompt + resp)
+        logp = hf(row[None]).logits[0].log_softmax(-1)
+        return sum(logp[t - 1, row[t]].item() for t in range(len(prompt), len(row)))
     with torch.no_grad():
-        got = M.sequence_logps(M.load_model(tiny_setup / "model"), ids, mask)
-        hf = AutoModelForCausalLM.from_pretrained(tiny_setup / "model", torch_dtype=torch.float32)
-        want = []
-        for row, m in zip(ids, mask):
-            n = int(m.nonzero().max()) + 1  # unpadded length
-            logp = hf(row[None, :n]).logits[0].log_softmax(-1)
-            want.append(sum(logp[t - 1, row[t]].item() for t in range(1, n) if m[t]))
-    assert torch.allclose(got, torch.tensor(want), atol=1e-4)
+        got = M.sequence_logps(model, ids, seg)
+        cut = [(p["prompt_ids"][-6:], 20 - len(p["prompt_ids"][-6:])) for p in pairs]
+        ref = [[want(x, p["chosen_ids"][:n]), want(x, p["rejected_ids"][:n])] for p, (x, n) in zip(pairs, cut)]
+        assert torch.allclose(got, torch.tensor(ref), atol=1e-4)
+        ids, mask = sppo.seq_tensors([x for x, _ in cut], [p["rejected_ids"] for p in pairs], s, 0, "cpu")
+        got = M.sequence_logps(model, ids, mask)
+    assert torch.allclose(got, torch.tensor(ref)[:, 1], atol=1e-4)
 
 
 def test_length_groups_cover_every_row_once_and_bound_padding():
@@ -268,8 +277,7 @@ def test_reference_logps_are_frozen_and_differ_from_trained_policy(tiny_setup, t
     ids, mask = sppo.pair_tensors(pairs, s, tok.pad_id, "cpu")
     with torch.no_grad():
         ref = M.sequence_logps(base, ids, mask)
-    n = len(pairs)
-    stored = torch.tensor([p["ref_chosen_logp"] for p in pairs] + [p["ref_rejected_logp"] for p in pairs])
+    stored = torch.tensor([[p["ref_chosen_logp"], p["ref_rejected_logp"]] for p in pairs])
     assert torch.allclose(ref, stored, atol=1e-4)
     (it / "train").mkdir()
     quantized.clear()
