@@ -236,6 +236,11 @@ class KVCache(nn.Module):
         view.k, view.v = self.k[a:b], self.v[a:b]
         return view
 
+    def keep(self, idx):
+        """Only these rows from now on (one copy: the sampler drops rows that are done)."""
+        idx = idx.to(self.k.device)
+        self.k, self.v = self.k[idx], self.v[idx]
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: Config):
@@ -794,26 +799,41 @@ def generate_seeds(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, t
 
 
 def decode_n_tokens(model, logits, next_pos, slot, B, n, temperature, top_p, top_k, stop_ids, gens, pad_id):
-    """The decode loop: sample a token for every row (rows g*B..(g+1)*B-1 with generator
-    gens[g]), write it, run the one-token forward over the cache from `slot`, until every row
-    has met a stop id or n tokens. A seed's rows stop drawing once they are all done, as they
-    would alone. Returns the (rows, steps) new tokens, pad_id after a row's stop."""
+    """The decode loop: sample a token for every row not done yet (rows g*B..(g+1)*B-1 with
+    generator gens[g], in row order), write it, run the one-token forward over the cache from
+    `slot`, until every row has met a stop id or n tokens. Returns the (rows, steps) new tokens,
+    pad_id after a row's stop.
+
+    Rows that are done leave the forward: once a quarter of the rows it runs are done, the KV
+    cache is cut to the others (one copy each time, a few times per call). A row's logits do not
+    depend on the other rows (generate_seeds), so this changes no row's tokens; at least two rows
+    stay, as oneDNN's one-row product is another kernel."""
     device = logits.device
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     rows = logits.shape[0]
     out = torch.full((rows, n), pad_id, dtype=torch.long, device=device)
     done = torch.zeros(rows, dtype=torch.bool, device=device)
-    live = list(range(len(gens)))  # seeds with a row not done yet
+    run = torch.arange(rows, device=device)  # the rows the model runs, in cache order: logits[i] is row run[i]'s
     for step in range(n):
-        tok = torch.full((rows,), pad_id, dtype=torch.long, device=device)
-        for g in live:
-            r = slice(g * B, (g + 1) * B)
-            tok[r] = torch.where(done[r], pad_id, sample_next(logits[r], temperature, top_p, top_k, gens[g]))
-        out[:, step] = tok
-        done = done | torch.isin(tok, stop)
-        live = [g for g in live if not bool(done[g * B:(g + 1) * B].all())]
-        if not live or step == n - 1:
+        tok = torch.full((len(run),), pad_id, dtype=torch.long, device=device)
+        todo = ~done[run]
+        for g, gen in enumerate(gens):
+            mine = (todo & (run // B == g)).nonzero().squeeze(1)
+            if len(mine):
+                tok[mine] = sample_next(logits[mine], temperature, top_p, top_k, gen)
+        out[run, step] = tok
+        done[run] |= todo & torch.isin(tok, stop)
+        if bool(done.all()) or step == n - 1:
             return out[:, :step + 1]
+        todo = ~done[run]
+        if len(run) > 2 and 4 * int(todo.sum()) <= 3 * len(run):
+            keep = todo.nonzero().squeeze(1)
+            if len(keep) < 2:  # fill with rows that are done
+                keep = torch.cat([keep, (~todo).nonzero().squeeze(1)[:2 - len(keep)]]).sort().values
+            for layer in model.layers:
+                layer.self_attn.cache.keep(keep)
+            model.cache_valid = model.cache_valid[keep.to(model.cache_valid.device)]
+            run, tok, next_pos = run[keep], tok[keep], next_pos[keep]
         logits = decode_one_token(model, tok, next_pos, slot + step)
         next_pos = next_pos + 1
 

@@ -118,6 +118,26 @@ def test_stop_ids_end_each_row_on_its_own(tmp_path):
     assert out[1] == free[1]
 
 
+def test_rows_that_stop_leave_the_batch_and_the_rest_still_equal_transformers(tmp_path, monkeypatch):
+    """Greedy with stop ids over 6 prompts: rows end at different steps, the sampler cuts its KV
+    cache to the rows still running, and every row is what transformers' generate gives that
+    prompt alone with the same stop ids (its first stop included)."""
+    hf = save_hf(tmp_path, LlamaForCausalLM, VARIANTS["llama_gqa_untied"][1]())
+    m = M.load_model(tmp_path)
+    prompts = [[5, 17, 33, 2, 9], [44, 3], [7, 7, 8, 90, 12, 61, 4, 5, 6], [11, 12, 13], [60, 2], [9, 9, 1, 70]]
+    free = M.generate(m, prompts, 16, temperature=0)
+    stop_ids = [free[0][1], free[3][2], free[5][4]]  # tokens that some rows emit early
+    cuts = []
+    monkeypatch.setattr(M.KVCache, "keep", lambda self, idx, _f=M.KVCache.keep: cuts.append(len(idx)) or _f(self, idx))
+    got = M.generate(m, prompts, 16, temperature=0, stop_ids=stop_ids)
+    assert cuts and min(cuts) < len(prompts), "no row left the batch: the case does not exercise it"
+    for p, row in zip(prompts, got):
+        ref = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), max_new_tokens=16,
+                          do_sample=False, pad_token_id=0, eos_token_id=stop_ids)[0, len(p):].tolist()
+        end = next((j + 1 for j, t in enumerate(ref) if t in stop_ids), len(ref))
+        assert row == ref[:end]
+
+
 def test_same_seed_same_samples_different_seed_differs(tmp_path):
     save_hf(tmp_path, LlamaForCausalLM, VARIANTS["llama_gqa_untied"][1]())
     m = M.load_model(tmp_path)
