@@ -1,6 +1,7 @@
 """
-Data plumbing for SPPO: the tokenizer + chat template, prompt files (and prompts too long for
-training), and turning a K x K preference matrix into one (chosen, rejected) pair.
+Data plumbing for SPPO: the tokenizer + chat template, and prompt files (and prompts too long
+for training). From a K x K preference matrix to a (chosen, rejected) pair is the SPPO maths,
+in sppo.py.
 
 Ground floor: imports only files.py (reading JSON lines with file:line errors).
 """
