@@ -155,8 +155,8 @@ class Workload:
     """What a run asks of the devices; sppo.py fills it from its flags."""
     lora_r: int = 16
     targets: tuple = quant.LINEARS  # the LoRA-adapted linears of each block
-    train_seqs: int = 16          # 2 per pair in a training micro-batch: a pair's row (prompt, chosen,
-    seq_len: int = 256            # rejected) has at most 2 x seq_len tokens, seq_len = the longest prompt + response
+    train_seqs: int = 16          # 2 x the pairs in a training micro-batch (chosen and rejected)
+    seq_len: int = 256            # the longest prompt + response; a pair's row (prompt, chosen, rejected) < 2 x seq_len
     resp_len: int = 96            # response tokens per sequence (where the LM head runs)
     grad_ckpt: bool = False
     gen_batch: int = 24           # prompts sampled together
@@ -366,7 +366,7 @@ def check(cfg: M.Config, devices, w: Workload, micro_batches=2, steps=3):
             for d in devices:
                 torch.cuda.synchronize(d)
         times.append(time.perf_counter() - t)
-    tok_s = ids.numel() / min(times[1:] or times)
+    tok_s = w.train_seqs * w.seq_len / min(times[1:] or times)  # prompt + response, twice per pair: bench.py's count
     print("| device | layers | planned training peak | measured peak |\n|---|---|---|---|")
     for r in rows:
         got = (f"{(torch.cuda.max_memory_allocated(r['device']) + CONTEXT) / GiB:.2f} GiB allocated (incl. {CONTEXT / GiB:.2f} context)"
