@@ -886,7 +886,7 @@ def sequence_logps(model, ids, resp):
     its prompt computed once (sppo.pair_tensors): 0 on prompt and padding, 1 on y_w, 2 on y_l
     -> (B, 2). y_l attends to x and itself, not to y_w, and its positions restart where y_w's
     began, so each response is scored exactly as in a row of its own (pair_row_layout).
-    Right padding needs no attention mask: with causal attention no real token sees a pad.
+    Rows of one response need no attention mask: causal, no real token sees the right padding.
 
     Rows run in groups of similar length, each cut to its longest row, so little time goes to
     padding (length_groups). The LM head runs only where a response token is predicted: with a
@@ -903,7 +903,9 @@ def sequence_logps(model, ids, resp):
         g_ids, g_seg = g_ids[:, :T], g_seg[:, :T]
         prev, kw = pair_row_layout(g_seg) if n == 2 else (torch.arange(-1, T - 1, device=ids.device).expand(len(g), T), {})
         h = model(g_ids, head=False, **kw)
-        b, t = (g_seg > 0).nonzero(as_tuple=True)  # the scored tokens, row by row
+        scored = g_seg > 0
+        scored[:, 0] = False  # nothing predicts a row's first token
+        b, t = scored.nonzero(as_tuple=True)  # row by row
         b, t, g_ids, g_seg, prev = b.to(h.device), t.to(h.device), g_ids.to(h.device), g_seg.to(h.device), prev.to(h.device)
         logits = model.logits(h[b, prev[b, t]]).float()  # the position that predicts each scored token
         logp = -F.cross_entropy(logits, g_ids[b, t], reduction="none")
