@@ -10,11 +10,12 @@ trustworthy when a run is killed, resumed, or started with a typo:
   result.
 - `check_settings`: a run folder made with other settings is refused, naming the setting.
 - `remove_leftovers`: temporary files a killed process left behind are removed on resume.
-- `stage`: out of GPU memory in a stage is one line naming the flag to lower; `not_finite`:
-  a NaN/inf loss stops training before it reaches the weights.
+- `stage`: out of GPU memory in a stage is one line naming the flag to lower, a full disk one
+  line naming the stage; `not_finite`: a NaN/inf loss stops training before it reaches the weights.
 """
 import contextlib
 import dataclasses
+import errno
 import gc
 import json
 import os
@@ -126,9 +127,25 @@ def stage(where, name):
     except torch.OutOfMemoryError:
         raise RunError(f"out of GPU memory in {where} {name}: lower {OOM_FLAGS[name]} (finished work is kept; "
                        f"flags that change results need a new --name)") from None
+    except Exception as e:
+        if not disk_full(e):
+            raise
+        # files.atomic has removed the half-written file: what was saved before stays whole
+        raise RunError(f"the disk is full in {where} {name} ({one_line(e)}): free some space and run the same "
+                       f"command again, it resumes here") from None
     finally:
         free_memory()
     print(f"{where} {name}: {info['summary']}{', ' if info['summary'] else ''}{time.time() - t0:.0f} s", flush=True)
+
+
+def disk_full(e):
+    """No space left (or over quota): an OSError, or a library's own error that says so
+    (safetensors writes from Rust: 'I/O error: No space left on device (os error 28)')."""
+    return (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left on device" in str(e)
+
+
+def one_line(e):
+    return " ".join(str(e).split())
 
 
 def free_memory():

@@ -581,6 +581,10 @@ def main(argv=None):
         return run(parse_args(argv))
     except checks.ERRORS as e:
         checks.fail(e)
+    except OSError as e:  # a full disk outside a stage (runs.stage names the stage otherwise)
+        if not runs.disk_full(e):
+            raise
+        checks.fail(f"the disk is full ({runs.one_line(e)}): free some space and run the same command again")
 
 
 if __name__ == "__main__":

@@ -197,3 +197,35 @@ def test_out_of_gpu_memory_names_the_flag_to_lower(tiny, tmp_path, capsys, monke
     err = fails(capsys, args(tiny, tmp_path / "runs"))
     where = "base generate" if stage == "sample" else "iter 0 train"
     assert err.startswith(f"error: out of GPU memory in {where}: lower {flag}"), err
+
+
+def test_full_disk_is_one_line_naming_the_stage_and_leaves_no_half_written_file(tiny, tmp_path, capsys, monkeypatch):
+    """The merge's safetensors write fails as it does on a full disk (its own error type, from
+    Rust): one line naming the stage, no traceback, no merged model and no temporary left; the
+    same command afterwards resumes and finishes. A full disk while a JSON file is written (an
+    OSError with ENOSPC, here at the run's start, outside any stage) is one line too."""
+    import errno
+    import safetensors.torch
+    from safetensors import SafetensorError
+    real = safetensors.torch.save_file
+
+    def full(tensors, filename, **k):  # the adapter fits, the merged model does not
+        if "adapter" in str(filename):
+            return real(tensors, filename, **k)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    runs_dir = tmp_path / "runs"
+    err = fails(capsys, args(tiny, runs_dir))
+    assert err.startswith("error: the disk is full in iter 0 merge (") and "run the same command again" in err, err
+    it = runs_dir / "r" / "iter0"
+    assert (it / "adapter" / "adapter_config.json").exists() and not (it / "model").exists()
+    assert not [p for p in it.iterdir() if ".tmp" in p.name]
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    sppo.main(args(tiny, runs_dir))
+    assert (it / "model" / "config.json").exists() and (it / "eval.json").exists()
+
+    def enospc(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", "metrics.jsonl")
+    monkeypatch.setattr(files, "write_json", enospc)
+    err = fails(capsys, args(tiny, tmp_path / "runs2"))
+    assert err.startswith("error: the disk is full (") and "No space left on device: 'metrics.jsonl'" in err, err
