@@ -163,6 +163,12 @@ class Workload:
     gen_len: int = 224            # prompt + new tokens in sampling
     compute_bytes: int = 2        # bf16 on GPU
 
+    @property
+    def expanded_kv(self):
+        """Whether training's masked attention expands K/V (model.Attention.attend does off CPU,
+        where the compute dtype is bf16; on CPU it is float32)."""
+        return self.compute_bytes < 4
+
 
 def workload(s, compute_bytes):
     """The Workload of a run's flags (sppo.Settings)."""
@@ -194,7 +200,7 @@ def stage_costs(cfg: M.Config, w: Workload):
     _, nf4_block = quant.shape_bytes(_one_block(cfg), r=0)
     lora = sum(16 * w.lora_r * (i + o) for name, (o, i) in _linears(cfg).items() if name in w.targets)
     tokens = w.train_seqs * w.seq_len
-    act = tokens * (c * cfg.dim if w.grad_ckpt else activation_bytes(cfg, c, expanded_kv=c < 4))
+    act = tokens * (c * cfg.dim if w.grad_ckpt else activation_bytes(cfg, c, w.expanded_kv))
     block_params = sum(o * i for o, i in _linears(cfg).values()) + 2 * cfg.dim
     kv = 2 * cfg.n_kv_heads * cfg.head_dim * c * w.gen_batch * w.gen_len
     return nf4_block + lora + act * (1 + CACHE_SLACK), c * block_params + kv * (1 + CACHE_SLACK)
@@ -222,7 +228,7 @@ def edge_costs(cfg: M.Config, w: Workload, split):
     # copy and the float32 log-softmax cross-entropy keeps for backward.
     logits = w.train_seqs * w.resp_len * V * (c + 8)
     gen_logits = w.gen_batch * V * 4
-    recompute = w.train_seqs * w.seq_len * activation_bytes(cfg, c, expanded_kv=c < 4) if w.grad_ckpt else 0
+    recompute = w.train_seqs * w.seq_len * activation_bytes(cfg, c, w.expanded_kv) if w.grad_ckpt else 0
     first = (emb, emb)
     last = (head + (logits + recompute) * (1 + CACHE_SLACK), head + gen_logits * (1 + CACHE_SLACK))
     return first, last
