@@ -1,4 +1,4 @@
-"""kernels.py: the model's products on CPU in float32, through oneDNN instead of MKL.
+"""kernels.py: the model's products on CPU in float32 (and NF4's in bf16), through oneDNN instead of MKL.
 
 Nothing here changes what is computed, only which library multiplies: model.py builds its
 linears as `Linear` and fuses q/k/v and gate/up with `fused_linears` where nothing trains;
@@ -17,9 +17,11 @@ import torch.nn.functional as F
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def onednn_ok(x, w):
-    # not under CPU autocast: there F.linear computes in bf16, and so must we
-    return (ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
+def onednn_ok(x, w, bf16=False):
+    # not under CPU autocast: there F.linear computes in bf16, and so must we. bf16=True also
+    # takes bf16 (quant.NF4Linear's products on CPUs that multiply bf16 natively).
+    dtypes = (torch.float32, torch.bfloat16) if bf16 else (torch.float32,)
+    return (ONEDNN and x.device.type == "cpu" and x.dtype in dtypes and w.dtype == x.dtype
             and not torch.is_autocast_enabled("cpu"))
 
 

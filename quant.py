@@ -29,9 +29,10 @@ class NF4Linear(nn.Module):
 
     We multiply by the packed weight ourselves instead of using bnb.nn.Linear4bit: on CPUs with
     AVX512-BF16, Linear4bit in eval mode repacks its weight into another layout, and a backward
-    after that silently yields no input gradient (LoRA would stop learning). On CPU in float32
-    the product is NF4Matmul (bitsandbytes' dequantization, oneDNN's matmul), elsewhere
-    bnb.matmul_4bit.
+    after that silently yields no input gradient (LoRA would stop learning). On CPU (float32 or
+    bf16) the product is NF4Matmul (bitsandbytes' dequantization, oneDNN's matmul), elsewhere
+    bnb.matmul_4bit. compute_dtype is the product's dtype (bitsandbytes' bnb_4bit_compute_dtype,
+    see product_dtype); the output comes back in the input's dtype.
     """
 
     def __init__(self, weight, compute_dtype=torch.float32, quant_type="nf4", double_quant=True, blocksize=64):
@@ -43,12 +44,12 @@ class NF4Linear(nn.Module):
         self.register_buffer("qweight", q)  # a buffer: frozen, never seen by the optimizer
 
     def forward(self, x):
-        x = x.to(self.compute_dtype)
-        if kernels.onednn_ok(x, x):  # CPU, float32 (the weight is dequantized to x's dtype): see NF4Matmul
+        dtype, x = x.dtype, x.to(self.compute_dtype)
+        if kernels.onednn_ok(x, x, bf16=True):  # CPU (the weight is dequantized to x's dtype): see NF4Matmul
             y = NF4Matmul.apply(x, self) if torch.is_grad_enabled() and x.requires_grad else kernels.mm_nt(x, self.dequantize(x.dtype))
         else:
             y = bnb.matmul_4bit(x, self.qweight.t(), quant_state=self.quant_state)
-        return y.to(x.dtype)
+        return y.to(dtype)
 
     def block_scales(self):
         """The per-block absmax in float32. With double quant bitsandbytes stores them in 8 bits
@@ -78,7 +79,7 @@ class NF4Linear(nn.Module):
 
 
 class NF4Matmul(torch.autograd.Function):
-    """x W^T for a frozen NF4 weight on CPU in float32: the weight is dequantized (bitsandbytes'
+    """x W^T for a frozen NF4 weight on CPU in x's dtype: the weight is dequantized (bitsandbytes'
     kernel, block scales decoded once per layer) and multiplied through oneDNN (kernels.mm_nt), in
     forward and again in backward. Nothing of the weight is kept between the two: a float copy
     of every linear would cost more memory (4 bytes per weight) than dequantizing twice costs
@@ -96,10 +97,21 @@ class NF4Matmul(torch.autograd.Function):
 
 # ----------------------------------------------------------------------------- quantized loading
 
+def product_dtype(device, choice="auto"):
+    """The dtype NF4 products compute in (--nf4-compute). auto: bf16, QLoRA's, on CUDA and on CPUs
+    that multiply bf16 natively (AVX512-BF16 or AMX: oneDNN runs a training-shaped product 2.1x
+    faster than in float32 on this project's EPYC); float32 on other CPUs, which emulate bf16."""
+    if choice != "auto":
+        return getattr(torch, choice)
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return torch.bfloat16 if torch.device(device).type != "cpu" or native else torch.float32
+
+
 def quantize_model(path, compute_dtype=torch.float32, device="cpu", quant_type="nf4", double_quant=True,
-                   targets=LINEARS, cfg=None, tensors=None):
+                   targets=LINEARS, cfg=None, tensors=None, product_dtype=None):
     """Our Transformer with its target linears in 4 bits, quantized as the checkpoint streams in:
     each weight is quantized the moment it arrives, so full precision never sits in memory.
+    compute_dtype: the rest of the model's; product_dtype: the 4-bit products' (default the same).
     cfg and tensors: build from these instead of path's files (see M.load_state)."""
     cfg = cfg or M.Config.from_hf(path)
     with torch.device("meta"):
@@ -111,7 +123,7 @@ def quantize_model(path, compute_dtype=torch.float32, device="cpu", quant_type="
         if leaf != "weight" or child not in targets:
             return False
         w = t.to(device=dev, dtype=compute_dtype if compute_dtype != torch.float32 else t.dtype)
-        setattr(model.get_submodule(parent), child, NF4Linear(w, compute_dtype, quant_type, double_quant))
+        setattr(model.get_submodule(parent), child, NF4Linear(w, product_dtype or compute_dtype, quant_type, double_quant))
         return True
 
     M.load_state(model, path, compute_dtype, device, convert, tensors)

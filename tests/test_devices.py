@@ -171,7 +171,7 @@ def test_step_zero_log_ratio_is_exactly_zero(tmp_path):
     judgments = [{"id": r["id"], "P": [[0.5, 0.9], [0.1, 0.5]]} for r in responses]
     pairs = sppo.make_pairs(s, tok, tmp_path / "model", responses, judgments, tmp_path / "pairs.jsonl")
     assert len(pairs) == 12 and [p["id"] for p in pairs] == [r["id"] for r in responses]  # the file's own order
-    policy = quant.quantize_model(s.model, torch.float32, "cpu")
+    policy = quant.quantize_model(s.model, torch.float32, "cpu", product_dtype=quant.product_dtype("cpu"))
     lora.add_lora(policy, sppo.lora_config(s))  # B = 0: the policy equals the reference
     score = functools.partial(M.sequence_logps, policy)
     for batch in sppo.batch_order(s, len(pairs))[:4]:

@@ -47,7 +47,7 @@ def test_step_log_holds_hand_computed_margin_accuracy_targets_and_clip_grad_norm
     got = log[0]
 
     torch.manual_seed(s.seed)  # as train() does before it builds the model
-    twin = quant.quantize_model(s.model, torch.float32, "cpu")
+    twin = quant.quantize_model(s.model, torch.float32, "cpu", product_dtype=quant.product_dtype("cpu"))
     lora.add_lora(twin, sppo.lora_config(s))
     twin.train()
     ids, mask = sppo.pair_tensors(pairs, s, tok.pad_id, "cpu")

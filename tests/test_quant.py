@@ -201,6 +201,32 @@ def test_nf4_matmul_forward_and_backward_equal_bitsandbytes():
             assert torch.equal(layer(x), y)
 
 
+def test_nf4_bf16_products_equal_bitsandbytes_in_bf16_and_return_the_input_dtype():
+    """--nf4-compute bfloat16 (the default on CPUs with native bf16, and on CUDA): a float32
+    input is multiplied in bf16, as bnb.matmul_4bit does with bf16 inputs, and comes back in
+    float32; the input gradient too. bf16 really is used: the float32 product is further away
+    than bf16's rounding allows between the two bf16 products."""
+    torch.manual_seed(0)
+    w = torch.randn(320, 192)
+    layer, layer32 = Q.NF4Linear(w, torch.bfloat16), Q.NF4Linear(w, torch.float32)
+    x = torch.randn(3, 50, 192, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    y = layer(x)
+    ref = bnb.matmul_4bit(x2.bfloat16(), layer.qweight.t(), quant_state=layer.quant_state).float()
+    assert y.dtype == torch.float32 and y.grad_fn is not None
+    scale = ref.abs().max().item()
+    assert (y - ref).abs().max().item() <= 4e-3 * scale
+    assert (layer32(x) - y).abs().max().item() > (y - ref).abs().max().item()
+    g = torch.randn_like(y)
+    y.backward(g)
+    ref.backward(g)
+    assert x.grad.dtype == torch.float32
+    assert (x.grad - x2.grad).abs().max().item() <= 4e-3 * x2.grad.abs().max().item()
+    with torch.no_grad():
+        assert torch.equal(layer(x), y)
+    assert Q.product_dtype("cuda") == torch.bfloat16 and Q.product_dtype("cpu", "float32") == torch.float32
+
+
 def test_lora_gradients_through_nf4_equal_bitsandbytes_path(monkeypatch):
     """A LoRA layer on an NF4 base trains the same through our product as through bnb.matmul_4bit."""
     torch.manual_seed(0)

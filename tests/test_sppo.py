@@ -273,7 +273,7 @@ def test_reference_logps_are_frozen_and_differ_from_trained_policy(tiny_setup, t
     before = (it / "pairs.jsonl").read_bytes()
     # the reference is the frozen base: recompute it independently with the plain fp32-loaded
     # model quantized the same way and no adapter
-    base = quant.quantize_model(s.model, torch.float32, "cpu")
+    base = quant.quantize_model(s.model, torch.float32, "cpu", product_dtype=quant.product_dtype("cpu"))
     ids, mask = sppo.pair_tensors(pairs, s, tok.pad_id, "cpu")
     with torch.no_grad():
         ref = M.sequence_logps(base, ids, mask)
@@ -284,7 +284,7 @@ def test_reference_logps_are_frozen_and_differ_from_trained_policy(tiny_setup, t
     sppo.train(s, tok, Path(s.model), pairs, it / "train", it / "adapter")
     assert quantized == [] and pipeline.load.kept is None  # training took the scoring's model
     assert (it / "pairs.jsonl").read_bytes() == before, "training must not touch the stored reference"
-    pol = quant.quantize_model(s.model, torch.float32, "cpu")
+    pol = quant.quantize_model(s.model, torch.float32, "cpu", product_dtype=quant.product_dtype("cpu"))
     lora.add_lora(pol, sppo.lora_config(s))
     lora.load_adapter(pol, it / "adapter")
     with torch.no_grad():
