@@ -98,13 +98,12 @@ class NF4Matmul(torch.autograd.Function):
 # ----------------------------------------------------------------------------- quantized loading
 
 def product_dtype(device, choice="auto"):
-    """The dtype NF4 products compute in (--nf4-compute). auto: bf16, QLoRA's, on CUDA and on CPUs
-    that multiply bf16 natively (AVX512-BF16 or AMX: oneDNN runs a training-shaped product 2.1x
-    faster than in float32 on this project's EPYC); float32 on other CPUs, which emulate bf16."""
+    """The dtype NF4 products compute in (--nf4-compute). auto: bf16, QLoRA's, on CUDA; float32 on
+    CPU, where the tests compare with float32 references. bfloat16 on a CPU that multiplies bf16
+    natively (AVX512-BF16, AMX) runs a training-shaped product 2.1x faster (this project's EPYC)."""
     if choice != "auto":
         return getattr(torch, choice)
-    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return torch.bfloat16 if torch.device(device).type != "cpu" or native else torch.float32
+    return torch.bfloat16 if torch.device(device).type != "cpu" else torch.float32
 
 
 def quantize_model(path, compute_dtype=torch.float32, device="cpu", quant_type="nf4", double_quant=True,

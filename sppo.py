@@ -103,8 +103,8 @@ class Settings:
     lora_dropout: float = opt(0.0, "LoRA dropout")
     lora_targets: str = opt("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "comma-separated linear layers to adapt")
     quant_type: str = opt("nf4", "4-bit type of the frozen base during training", choices=["nf4", "fp4"])
-    nf4_compute: str = opt("auto", "dtype of the 4-bit products in scoring and training; auto = bfloat16 (QLoRA's) on CUDA and on "
-                           "CPUs that multiply bf16 natively (AVX512-BF16, AMX), else float32", choices=["auto", "bfloat16", "float32"])
+    nf4_compute: str = opt("auto", "dtype of the 4-bit products in scoring and training; auto = bfloat16 (QLoRA's) on CUDA, float32 "
+                           "on CPU (bfloat16 is faster on CPUs with AVX512-BF16 or AMX, see BENCHMARKS.md)", choices=["auto", "bfloat16", "float32"])
     grad_ckpt: bool = opt(False, "gradient checkpointing per block (saves activation memory)")
     ckpt_every: int = opt(10, "optimizer steps between training checkpoints (resume points)")
     # hardware

@@ -202,7 +202,7 @@ def test_nf4_matmul_forward_and_backward_equal_bitsandbytes():
 
 
 def test_nf4_bf16_products_equal_bitsandbytes_in_bf16_and_return_the_input_dtype():
-    """--nf4-compute bfloat16 (the default on CPUs with native bf16, and on CUDA): a float32
+    """--nf4-compute bfloat16 (the default on CUDA, a choice on CPU): a float32
     input is multiplied in bf16, as bnb.matmul_4bit does with bf16 inputs, and comes back in
     float32; the input gradient too. bf16 really is used: the float32 product is further away
     than bf16's rounding allows between the two bf16 products."""
@@ -224,7 +224,8 @@ def test_nf4_bf16_products_equal_bitsandbytes_in_bf16_and_return_the_input_dtype
     assert (x.grad - x2.grad).abs().max().item() <= 4e-3 * x2.grad.abs().max().item()
     with torch.no_grad():
         assert torch.equal(layer(x), y)
-    assert Q.product_dtype("cuda") == torch.bfloat16 and Q.product_dtype("cpu", "float32") == torch.float32
+    assert Q.product_dtype("cuda") == Q.product_dtype("cpu", "bfloat16") == torch.bfloat16
+    assert Q.product_dtype("cpu") == Q.product_dtype("cuda", "float32") == torch.float32
 
 
 def test_lora_gradients_through_nf4_equal_bitsandbytes_path(monkeypatch):
