@@ -37,6 +37,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 import torch  # noqa: E402
 
 import convert  # noqa: E402
+import data  # noqa: E402
 import lora  # noqa: E402
 import model as M  # noqa: E402
 import pipeline  # noqa: E402
@@ -113,9 +114,9 @@ def train_settings(b):
 def batch_tensors(b, pairs, pad_id, dev):
     """Theirs: chosen and rejected as rows of their own (TRL's concatenated batch), as ids,
     response mask and the attention mask transformers is given. Ours computes each prompt once
-    (sppo.pair_tensors); both rates count these rows' tokens, the same work."""
+    (data.pair_tensors); both rates count these rows' tokens, the same work."""
     s = train_settings(b)
-    ids, resp = sppo.seq_tensors([p["prompt_ids"] for p in pairs] * 2,
+    ids, resp = data.seq_tensors([p["prompt_ids"] for p in pairs] * 2,
                                  [p["chosen_ids"] for p in pairs] + [p["rejected_ids"] for p in pairs], s, pad_id, dev)
     last = (resp.long() * torch.arange(ids.shape[1], device=dev)).argmax(1, keepdim=True)
     attn = torch.arange(ids.shape[1], device=dev)[None] <= last
@@ -127,7 +128,6 @@ def prompts_for_sampling(b, vocab, batch):
     feeds it: real prompts give the peaked next-token distributions top-p sampling meets in
     practice); random ids for a model without a tokenizer."""
     if b.model != LLAMA3_8B and (model_dir(b) / "tokenizer.json").exists():
-        import data
         tok = data.Tokenizer.from_dir(model_dir(b))
         rows, _ = data.load_prompts(HERE / "prompts/train.jsonl")
         return [tok.encode_chat(data.messages_of(r)) for r in rows[:batch]]
@@ -328,7 +328,7 @@ def inference(b, dev, stacks=("ours", "theirs")):
     vocab, pad = vocab_and_pad(b)
     pairs = make_pairs(b, vocab, pad)
     ids, resp, attn = batch_tensors(b, pairs, pad, dev)
-    pair_ids, seg = sppo.pair_tensors(pairs, train_settings(b), pad, dev)
+    pair_ids, seg = data.pair_tensors(pairs, train_settings(b), pad, dev)
     tokens = int(attn.sum())
     ours_q = load_ours(b, dev, True) if "ours" in stacks else None
     theirs_q = load_theirs(b, dev, True) if "theirs" in stacks else None

@@ -1,7 +1,7 @@
 """
-Data plumbing for SPPO: the tokenizer + chat template, and prompt files (and prompts too long
-for training). From a K x K preference matrix to a (chosen, rejected) pair is the SPPO maths,
-in sppo.py.
+Data plumbing for SPPO: the tokenizer + chat template, prompt files (and prompts too long for
+training), and token ids as the tensors that scoring and training run (a pair as one row). From
+a K x K preference matrix to a (chosen, rejected) pair is the SPPO maths, in sppo.py.
 
 Ground floor: imports only files.py (reading JSON lines with file:line errors).
 """
@@ -17,6 +17,7 @@ from datetime import datetime
 
 import jinja2
 import tokenizers
+import torch
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -505,7 +506,7 @@ def fit_prompts(rows, tok, max_prompt_len, long_prompts="error"):
 
 def truncate_prompt(r, tok, max_prompt_len):
     """Cut the start of the last user turn until the rendered prompt fits: its end (usually the
-    actual request) stays, as training keeps a prompt's end (sppo.pair_tensors)."""
+    actual request) stays, as training keeps a prompt's end (fit)."""
     text = tok.encode(r["prompt"])
     while True:
         messages = r["messages"][:-1] + [{"role": "user", "content": tok.decode(text)}]
@@ -516,3 +517,37 @@ def truncate_prompt(r, tok, max_prompt_len):
             raise DataError(f"{r['where']}: the chat template and earlier turns alone are longer than "
                             f"--max-prompt-len {max_prompt_len}")
         text = text[over:]
+
+
+# -----------------------------------------------------------------------------
+# Token ids to tensors: what scoring and training run
+
+def pair_tensors(pairs, s, pad_id, device):
+    """One row per pair, x y_w y_l, so that the prompt is computed once, not once per response:
+    right-padded ids and segment ids (0 prompt and padding, 1 chosen, 2 rejected), which
+    model.sequence_logps scores as if each response followed the prompt in a row of its own.
+    s: the run's settings (sppo.Settings: max_prompt_len, max_len)."""
+    rows, segs = [], []
+    for p in pairs:
+        (x, y_w), y_l = fit(p["prompt_ids"], p["chosen_ids"], s), fit(p["prompt_ids"], p["rejected_ids"], s)[1]
+        rows.append(x + y_w + y_l)
+        segs.append([0] * len(x) + [1] * len(y_w) + [2] * len(y_l))
+    return padded(rows, pad_id, device), padded(segs, 0, device)
+
+
+def seq_tensors(prompts, responses, s, pad_id, device):
+    """Right-padded prompt + response rows and masks of their response tokens."""
+    rows = [fit(x, y, s) for x, y in zip(prompts, responses)]
+    return padded([x + y for x, y in rows], pad_id, device), padded([[0] * len(x) + [1] * len(y) for x, y in rows], 0, device).bool()
+
+
+def fit(prompt, resp, s):
+    """Prompt and response cut to --max-prompt-len and --max-len. Too-long prompts keep their
+    end (the instruction's last words and the assistant header)."""
+    prompt = prompt[-s.max_prompt_len:]
+    return prompt, resp[:max(1, s.max_len - len(prompt))]
+
+
+def padded(rows, value, device):
+    T = max(map(len, rows))
+    return torch.tensor([r + [value] * (T - len(r)) for r in rows], device=device)

@@ -883,7 +883,7 @@ def sequence_logps(model, ids, resp):
 
     resp (B, T) says which tokens are scored. Bool: True on the one response of each row
     (prompt x then response y) -> (B,). Or integer segment ids for a pair row, x y_w y_l with
-    its prompt computed once (sppo.pair_tensors): 0 on prompt and padding, 1 on y_w, 2 on y_l
+    its prompt computed once (data.pair_tensors): 0 on prompt and padding, 1 on y_w, 2 on y_l
     -> (B, 2). y_l attends to x and itself, not to y_w, and its positions restart where y_w's
     began, so each response is scored exactly as in a row of its own (pair_row_layout).
     Rows of one response need no attention mask: causal, no real token sees the right padding.

@@ -46,6 +46,13 @@ def compute_dtype(dev):
     return torch.bfloat16 if dev.type == "cuda" else torch.float32
 
 
+def autocast(dev, on=None):
+    """bf16 autocast, by default on CUDA only (tests turn it off to compare in float32). Training
+    and reference scoring both run under it, in the same batches, so that the log-ratio at
+    step 0 is exactly 0 (bitsandbytes picks its kernels by the number of rows)."""
+    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda" if on is None else on)
+
+
 def run_plan(s, path):
     """(split bounds, per-device rows) for a run's flags: --devices, or its one device as one stage."""
     devices = s.devices.split(",") if s.devices else [str(device_of(s))]
@@ -384,7 +391,7 @@ def check(cfg: M.Config, devices, w: Workload, micro_batches=2, steps=3):
 
 
 def pair_rows(cfg: M.Config, w: Workload, device, seed=0):
-    """Random training rows as sppo.pair_tensors lays them out: train_seqs / 2 pairs, each a
+    """Random training rows as data.pair_tensors lays them out: train_seqs / 2 pairs, each a
     prompt of seq_len - resp_len tokens, then chosen and rejected of resp_len. -> ids, segment ids."""
     g = torch.Generator().manual_seed(seed)
     x = w.seq_len - w.resp_len

@@ -39,7 +39,6 @@ import pipeline
 import report
 import runs
 import stats
-from runs import RunError
 
 HERE = Path(__file__).resolve().parent
 
@@ -187,8 +186,8 @@ def train_step(score, batch, s, pad_id, dev, amp=None):
     score(ids, seg) -> log-probs: model.sequence_logps on the policy (or on pipeline.GPipe over
     it), or under torchrun its DDP wrapper. -> (mean loss, what the log shows: each pair's
     log-ratios of chosen and rejected, their SPPO targets (None for dpo/ipo), the tokens run)."""
-    ids, seg = pair_tensors(batch, s, pad_id, dev)
-    with autocast(dev, amp):
+    ids, seg = data.pair_tensors(batch, s, pad_id, dev)
+    with pipeline.autocast(dev, amp):
         logps = score(ids, seg)
     f = lambda key: torch.tensor([p[key] for p in batch], device=logps.device, dtype=torch.float32)
     ref_w, ref_l = f("ref_chosen_logp"), f("ref_rejected_logp")
@@ -201,13 +200,6 @@ def train_step(score, batch, s, pad_id, dev, amp=None):
     return losses.mean(), seen
 
 
-def autocast(dev, on=None):
-    """bf16 autocast, by default on CUDA only (tests turn it off to compare in float32). Training
-    and reference scoring both run under it, in the same batches, so that the log-ratio at
-    step 0 is exactly 0 (bitsandbytes picks its kernels by the number of rows)."""
-    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda" if on is None else on)
-
-
 def batch_order(s, n):
     """The micro-batches of pair indices, epoch after epoch: a pure function of (seed, epoch),
     so a resumed run replays it, and reference scoring uses the first epoch's batches."""
@@ -216,36 +208,6 @@ def batch_order(s, n):
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(s.seed * 1000 + e)).tolist()
         order += [perm[i:i + s.batch_size] for i in range(0, n, s.batch_size)]
     return order
-
-
-def pair_tensors(pairs, s, pad_id, device):
-    """One row per pair, x y_w y_l, so that the prompt is computed once, not once per response:
-    right-padded ids and segment ids (0 prompt and padding, 1 chosen, 2 rejected), which
-    model.sequence_logps scores as if each response followed the prompt in a row of its own."""
-    rows, segs = [], []
-    for p in pairs:
-        (x, y_w), y_l = fit(p["prompt_ids"], p["chosen_ids"], s), fit(p["prompt_ids"], p["rejected_ids"], s)[1]
-        rows.append(x + y_w + y_l)
-        segs.append([0] * len(x) + [1] * len(y_w) + [2] * len(y_l))
-    return padded(rows, pad_id, device), padded(segs, 0, device)
-
-
-def seq_tensors(prompts, responses, s, pad_id, device):
-    """Right-padded prompt + response rows and masks of their response tokens."""
-    rows = [fit(x, y, s) for x, y in zip(prompts, responses)]
-    return padded([x + y for x, y in rows], pad_id, device), padded([[0] * len(x) + [1] * len(y) for x, y in rows], 0, device).bool()
-
-
-def fit(prompt, resp, s):
-    """Prompt and response cut to --max-prompt-len and --max-len. Too-long prompts keep their
-    end (the instruction's last words and the assistant header)."""
-    prompt = prompt[-s.max_prompt_len:]
-    return prompt, resp[:max(1, s.max_len - len(prompt))]
-
-
-def padded(rows, value, device):
-    T = max(map(len, rows))
-    return torch.tensor([r + [value] * (T - len(r)) for r in rows], device=device)
 
 
 # ----------------------------------------------------------------------------- 1. generate
@@ -289,9 +251,8 @@ def sample(s, policy_dir, tok, rows, out_path, seeds, greedy=False, desc="genera
 # ----------------------------------------------------------------------------- 2. judge
 
 def make_judge(s, tok):
-    """The judge, loaded in the stage that uses it and freed with it: a model judge must not hold
-    GPU memory through sampling and training (an 8B LLM judge cannot sit beside them). Its files
-    were checked at the start (checks.check_judge)."""
+    """The judge, loaded in the stage that uses it and freed with it: a model judge (an 8B LLM)
+    must not hold GPU memory through sampling and training. checks.check_judge saw its files."""
     if s.judge == "llm":
         return judges.make_judge("llm", model=pipeline.load(s, s.judge_model), tokenizer=data.Tokenizer.from_dir(s.judge_model),
                                  batch_size=s.judge_batch)
@@ -364,12 +325,12 @@ def make_pairs(s, tok, policy_dir, responses, judgments, out_path):
     dev = pipeline.device_of(s)
 
     def work(c, batch, base):
-        ids, seg = pair_tensors(batch, s, tok.pad_id, dev)
-        with torch.no_grad(), autocast(dev):
+        ids, seg = data.pair_tensors(batch, s, tok.pad_id, dev)
+        with torch.no_grad(), pipeline.autocast(dev):
             lp = M.sequence_logps(base, ids, seg).tolist()
         return [dict(p, ref_chosen_logp=w, ref_rejected_logp=l) for p, (w, l) in zip(batch, lp)]
 
-    # scored in training's first-epoch batches, as training will score them (see autocast)
+    # scored in training's first-epoch batches, as training will score them (see pipeline.autocast)
     batches = [[pairs[i] for i in b] for b in batch_order(s, len(pairs))[:math.ceil(len(pairs) / s.batch_size)]]
     pairs = runs.in_chunks(pairs, batches, out_path, work, "pairs", "reference log-probs", "pair",
                            setup=lambda todo: pipeline.micro_batched(pipeline.load(s, policy_dir, quantized=True, keep=True),
@@ -392,7 +353,7 @@ def train(s, tok, policy_dir, pairs, work_dir, adapter_dir, track=None, step_off
     if (adapter_dir / "adapter_config.json").exists():
         return files.read_jsonl(work_dir / "losses.jsonl") if (work_dir / "losses.jsonl").exists() else []
     if not pairs:
-        raise RunError(f"{work_dir.parent}/pairs.jsonl has no pairs: nothing to train on")
+        raise runs.RunError(f"{work_dir.parent}/pairs.jsonl has no pairs: nothing to train on")
     dev = pipeline.device_of(s)
     torch.manual_seed(s.seed)
     model = pipeline.load(s, policy_dir, quantized=True)  # make_pairs' model when it just ran (keep=True)
@@ -469,12 +430,10 @@ def merge(s, policy_dir, adapter_dir, out_dir):
 # ----------------------------------------------------------------------------- 6. evaluate
 
 def evaluate(s, t, tok, heldout, base_answers, new_answers, it, loss, kl=None):
-    """Win rate of pi_{t+1} over pi_0 on held-out prompts (each pair judged in both orders,
-    judge.win_rates). Beside it, as preference training loves to change length: both models'
-    mean answer length and the win rate at equal length; where the prompts carry checks, both
-    models' constraint-satisfaction rates, the paired gain, the gain at equal length and a table
-    per check kind (stats.report); kl: KL(pi_{t+1} || pi_t), kl_estimate. -> it/eval.json, and
-    pi_{t+1}'s answers in it/alpaca_eval/ (AlpacaEval's format)."""
+    """Win rate of pi_{t+1} over pi_0 on held-out prompts (each pair judged in both orders), and,
+    as preference training loves to change length, both models' answer lengths and each figure at
+    equal length too; where prompts carry checks, satisfaction rates, the paired gain and a table
+    per check kind (stats.report); kl: kl_estimate's. -> it/eval.json, it/alpaca_eval/."""
     out_path = it / "eval.json"
     report.export_alpaca_eval(it / "alpaca_eval" / "model_outputs.json", heldout, new_answers, f"{s.name}_sppo_iter{t + 1}")
     if out_path.exists():
@@ -504,7 +463,7 @@ def kl_estimate(s, tok, old_dir, new_dir, rows, out_path):
     if not parallel.is_main():
         return None
     chunks = [got[i:i + s.batch_size] for i in range(0, len(got), s.batch_size)]
-    batches = [seq_tensors([g["prompt_ids"] for g in c], [g["response_ids"][0] for g in c], s, tok.pad_id, pipeline.device_of(s))
+    batches = [data.seq_tensors([g["prompt_ids"] for g in c], [g["response_ids"][0] for g in c], s, tok.pad_id, pipeline.device_of(s))
                for c in chunks]
 
     @torch.no_grad()

@@ -157,7 +157,7 @@ def test_masked_attention_expands_kv_off_cpu_and_keeps_sdpa_gqa_on_cpu(tiny, mon
 
 def test_step_zero_log_ratio_is_exactly_zero(tmp_path):
     """Reference log-probs are scored in training's first-epoch batches (and under the same
-    autocast), so every first-epoch micro-batch of a fresh adapter sees log pi_theta - log pi_t
+    autocast, pipeline.autocast), so every first-epoch micro-batch of a fresh adapter sees log pi_theta - log pi_t
     = 0 exactly, not up to the rounding of differently padded batches (which, even on the CPU,
     moves a row's log-prob by an ulp now and then: rows of very different lengths here)."""
     make_tiny_chat_model(tmp_path / "model", layers=2, hidden=128)

@@ -12,7 +12,6 @@ import torch
 
 import data
 import files
-import model as M
 import runs
 import sppo
 from tiny import make_tiny_chat_model

@@ -175,10 +175,10 @@ def test_sequence_logps_use_soft_capped_logits_through_a_pipeline_split(tmp_path
         logp = hf(input_ids=ids).logits.log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
     want = (logp * resp[:, 1:]).sum(-1)
     assert torch.allclose(got, want, atol=1e-4), (got, want)
-    # pair rows (sppo.pair_tensors): the rejected response's window counts its own positions
+    # pair rows (D.pair_tensors): the rejected response's window counts its own positions
     pairs = [{"prompt_ids": ids[i, :5].tolist(), "chosen_ids": ids[i, 5:].tolist(), "rejected_ids": ids[(i + 1) % 3, 6:].tolist()}
              for i in range(3)]
-    row_ids, seg = sppo.pair_tensors(pairs, sppo.Settings(), 0, "cpu")
+    row_ids, seg = D.pair_tensors(pairs, sppo.Settings(), 0, "cpu")
     with torch.no_grad():
         got = M.sequence_logps(pipeline.micro_batched(ours, 2), row_ids, seg)
         want = [[hf_logp(hf, p["prompt_ids"], p[k]) for k in ("chosen_ids", "rejected_ids")] for p in pairs]

@@ -50,7 +50,7 @@ def test_step_log_holds_hand_computed_margin_accuracy_targets_and_clip_grad_norm
     twin = quant.quantize_model(s.model, torch.float32, "cpu", product_dtype=quant.product_dtype("cpu"))
     lora.add_lora(twin, sppo.lora_config(s))
     twin.train()
-    ids, mask = sppo.pair_tensors(pairs, s, tok.pad_id, "cpu")
+    ids, mask = data.pair_tensors(pairs, s, tok.pad_id, "cpu")
     logp = M.sequence_logps(twin, ids, mask)
     lw = [logp[i, 0].item() - p["ref_chosen_logp"] for i, p in enumerate(pairs)]
     ll = [logp[i, 1].item() - p["ref_rejected_logp"] for i, p in enumerate(pairs)]

@@ -177,7 +177,7 @@ def test_activation_estimate_matches_what_autograd_saves(tiny):
     m.train()
     B, T = 4, 32
     x = torch.randn(B, T, m.cfg.dim, requires_grad=True)
-    # a training row's mask and positions (prompt, chosen, rejected: sppo.pair_tensors)
+    # a training row's mask and positions (prompt, chosen, rejected: data.pair_tensors)
     _, kw = M.pair_row_layout(torch.tensor([0] * 12 + [1] * 10 + [2] * 10).expand(B, T))
     mask = kw["attn_mask"]
     cos, sin = M.rope_cos_sin(m.inv_freq, kw["pos"], x.dtype)

@@ -7,10 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
+import data
 import model as M
 import runs
 import sppo
@@ -222,7 +222,7 @@ def test_sequence_logps_equal_transformers_log_probs_of_response_tokens(tiny_set
     pairs = [{"prompt_ids": [5, 6, 7, 8, 9, 10, 11, 12], "chosen_ids": [20, 21, 22, 2], "rejected_ids": [30] * 15},
              {"prompt_ids": [40, 41], "chosen_ids": [50, 51, 52, 53, 54, 55], "rejected_ids": [60, 61, 62]},
              {"prompt_ids": [70, 71, 72], "chosen_ids": [80], "rejected_ids": [90, 91]}]
-    ids, seg = sppo.pair_tensors(pairs, s, 0, "cpu")
+    ids, seg = data.pair_tensors(pairs, s, 0, "cpu")
     # truncation: the prompt keeps its last 6 tokens, each response fills up to max_len = 20
     assert ids[0, :10].tolist() == [7, 8, 9, 10, 11, 12, 20, 21, 22, 2] and ids[0, 10:].tolist() == [30] * 14
     hf = AutoModelForCausalLM.from_pretrained(tiny_setup / "model", torch_dtype=torch.float32)
@@ -237,7 +237,7 @@ def test_sequence_logps_equal_transformers_log_probs_of_response_tokens(tiny_set
         cut = [(p["prompt_ids"][-6:], 20 - len(p["prompt_ids"][-6:])) for p in pairs]
         ref = [[want(x, p["chosen_ids"][:n]), want(x, p["rejected_ids"][:n])] for p, (x, n) in zip(pairs, cut)]
         assert torch.allclose(got, torch.tensor(ref), atol=1e-4)
-        ids, mask = sppo.seq_tensors([x for x, _ in cut], [p["rejected_ids"] for p in pairs], s, 0, "cpu")
+        ids, mask = data.seq_tensors([x for x, _ in cut], [p["rejected_ids"] for p in pairs], s, 0, "cpu")
         got = M.sequence_logps(model, ids, mask)
     assert torch.allclose(got, torch.tensor(ref)[:, 1], atol=1e-4)
 
@@ -253,7 +253,6 @@ def test_length_groups_cover_every_row_once_and_bound_padding():
 
 
 def test_reference_logps_are_frozen_and_differ_from_trained_policy(tiny_setup, tmp_path, monkeypatch):
-    import data
     import lora
     import pipeline
     import quant
@@ -274,7 +273,7 @@ def test_reference_logps_are_frozen_and_differ_from_trained_policy(tiny_setup, t
     # the reference is the frozen base: recompute it independently with the plain fp32-loaded
     # model quantized the same way and no adapter
     base = quant.quantize_model(s.model, torch.float32, "cpu", product_dtype=quant.product_dtype("cpu"))
-    ids, mask = sppo.pair_tensors(pairs, s, tok.pad_id, "cpu")
+    ids, mask = data.pair_tensors(pairs, s, tok.pad_id, "cpu")
     with torch.no_grad():
         ref = M.sequence_logps(base, ids, mask)
     stored = torch.tensor([[p["ref_chosen_logp"], p["ref_rejected_logp"]] for p in pairs])
@@ -358,7 +357,7 @@ def test_run_folder_refuses_different_settings(tiny_setup, tmp_path):
     run.mkdir()
     runs.check_settings(s, run, sppo.Settings.HARMLESS)
     s2 = sppo.parse_args(run_args(tiny_setup, tmp_path) + ["--eta", "3"])
-    with pytest.raises(sppo.RunError, match="eta=2.0, not 3.0"):
+    with pytest.raises(runs.RunError, match="eta=2.0, not 3.0"):
         runs.check_settings(s2, run, sppo.Settings.HARMLESS)
 
 
@@ -367,7 +366,6 @@ def test_vllm_plumbing_gives_each_prompt_its_own_samples_and_resumes_by_chunk(ti
     one is checked against our sampler by `make test-vllm`): every prompt gets the outputs made
     for its own token ids, a stop token is kept in the ids (they are what gets scored), left out
     of the text and flagged, and a resumed stage asks only for the prompts of its unfinished chunks."""
-    import data
     import files
     import vllm_backend
     tok = data.Tokenizer.from_dir(tiny_setup / "model")
@@ -402,7 +400,6 @@ def turn_end_is_not_eos_model(path):
     """A tiny chat model whose eos (<|endoftext|>, 0) is not its chat template's turn end
     (<|im_end|>, 2), with generation_config stopping on both (as Gemma-2-it and early Llama-3-Instruct
     folders), and whose turn end is likely, so that a fair part of the samples end their turn."""
-    import data
     from safetensors.torch import load_file, save_file
     make_tiny_chat_model(path)
     cfg = json.loads((path / "tokenizer_config.json").read_text())
@@ -421,7 +418,6 @@ def test_pairs_score_exactly_the_sampled_ids_when_the_turn_end_is_not_eos(tmp_pa
     that ended its turn keeps the <|im_end|> it ended on, and nothing (no eos) is appended, so no
     part of the SPPO signal goes into a token the model never sampled. The stored reference
     log-prob, end token included, is transformers' log-prob of exactly those ids."""
-    import data
     from transformers import AutoModelForCausalLM
     tok = turn_end_is_not_eos_model(tmp_path / "model")
     assert tok.eos_id == 0 and tok.stop_ids == [0, 2]
@@ -457,7 +453,6 @@ def test_kl_estimate_covers_the_exact_kl_of_one_new_token(tiny_setup, tmp_path):
     hand): the log-ratio's sign flipped, sampling with the loop's temperature 0.7 and top-p 0.9
     (one token left: 4.10 +/- 0); KL(old || new) = 1.05 would be caught too."""
     import shutil
-    import data
     from transformers import AutoModelForCausalLM
     old = tiny_setup / "model"
     hf = AutoModelForCausalLM.from_pretrained(old, torch_dtype=torch.float32)
