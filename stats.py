@@ -2,7 +2,7 @@
 Held-out statistics that keep length in view: a gain is a gain only at equal length.
 
     mean_ci(x)                              mean and 95% half-width
-    mean_words(answers)                     mean answer length in words, with its 95% half-width
+    n_words(answers)                        each answer's length in words
     per_kind(rows, base, new)               per check kind: n, base and new rates, paired gain (95% CI)
     length_controlled_gain(gains, lb, ln)   the satisfaction gain at equal length (linear model)
     length_controlled_win_rate(w, lb, ln)   the win rate at equal length (logistic model)
@@ -37,12 +37,8 @@ def mean_ci(x):
 
 
 def n_words(answers):
+    """Each answer's length in words (judge.words: what max_words/min_words count)."""
     return np.array([len(judge.words(a)) for a in answers], dtype=float)
-
-
-def mean_words(answers):
-    """Mean length in words (judge.words: what max_words/min_words count) and its 95% half-width."""
-    return mean_ci(n_words(answers))
 
 
 def per_kind(rows, base, new):

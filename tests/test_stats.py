@@ -37,9 +37,9 @@ def test_mean_ci_is_the_mean_and_normal_95_half_width():
     assert math.isnan(stats.mean_ci([7])[1])
 
 
-def test_mean_words_counts_what_max_words_counts():
+def test_n_words_counts_what_max_words_counts():
     # "don't" and "stop-me" are one word each, a bullet dash is none, an empty answer is 0
-    assert stats.mean_words(["one two", "- don't stop-me now", ""])[0] == pytest.approx(5 / 3)
+    assert stats.n_words(["one two", "- don't stop-me now", ""]).tolist() == [2, 3, 0]
 
 
 def test_per_kind_rates_and_paired_gain_by_hand():
