@@ -19,7 +19,7 @@ ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_li
 
 def onednn_ok(x, w, bf16=False):
     # not under CPU autocast: there F.linear computes in bf16, and so must we. bf16=True also
-    # takes bf16 (quant.NF4Linear's products on CPUs that multiply bf16 natively).
+    # takes bf16 inputs (quant.NF4Linear's products under --nf4-compute bfloat16).
     dtypes = (torch.float32, torch.bfloat16) if bf16 else (torch.float32,)
     return (ONEDNN and x.device.type == "cpu" and x.dtype in dtypes and w.dtype == x.dtype
             and not torch.is_autocast_enabled("cpu"))

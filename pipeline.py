@@ -76,7 +76,8 @@ def load(s, path, quantized=False, keep=False):
         bounds, _ = run_plan(s, path)
         where = device_map(bounds, s.devices.split(","))
     if quantized:
-        m = quant.quantize_model(path, compute_dtype(dev), where, quant_type=s.quant_type, product_dtype=quant.product_dtype(dev, s.nf4_compute))
+        m = quant.quantize_model(path, compute_dtype(dev), where, quant_type=s.quant_type,
+                                 product_dtype=quant.product_dtype(dev, s.nf4_compute))
     else:
         m = M.load_model(path, compute_dtype(dev), where)
     m.stage_bounds = bounds
