@@ -132,7 +132,7 @@ def parse_args(argv=None):
 
 def build_pair(P):
     """Each response's estimated win rate against pi_t is the mean of its row of P (the self
-    term 1/2 included, as the reference code): p_hat_i = (1/K) sum_j P[i][j]. Chosen = argmax,
+    term 1/2 included, as the authors' code): p_hat_i = (1/K) sum_j P[i][j]. Chosen = argmax,
     rejected = argmin, first index on ties; None when best and worst tie (nothing to prefer)."""
     P = np.asarray(P, dtype=np.float64)
     if P.ndim != 2 or P.shape[0] != P.shape[1] or P.shape[0] < 2:
@@ -157,7 +157,7 @@ def preference_loss(kind, logp_w, logp_l, ref_w, ref_l, p_win, p_lose, p_wl, eta
 
     sppo:        the paper's eq. (4.2) on both responses, with p_hat = estimated win rates
                  ((logr_w - eta (p_win - 1/2))^2 + (logr_l - eta (p_lose - 1/2))^2) / 2
-    sppo_single: the same with the pair's own P(y_w > y_l) for both (the reference's variant)
+    sppo_single: the same with the pair's own P(y_w > y_l) for both (the authors' code's variant)
     dpo, ipo:    the baselines the paper compares with.
 
     The square loss pulls each response's log-ratio towards eta times how much better than
@@ -214,7 +214,7 @@ def batch_order(s, n):
 
 def sample(s, policy_dir, tok, rows, out_path, seeds, greedy=False, desc="generate", batch=0):
     """K samples per prompt, in chunks of gen_batch prompts (`runs.in_chunks`). vLLM samples the
-    k-th with seed seeds[k] in one pass over all prompts, as the reference code's K vLLM passes;
+    k-th with seed seeds[k] in one pass over all prompts, as the authors' code's K vLLM passes;
     the built-in sampler draws the k-th of chunk c with seed 1000 seeds[k] + c. Either way the
     same chunk always gets the same seeds, so a resumed run samples what an uninterrupted one would."""
     temperature = 0.0 if greedy else s.temperature
@@ -264,7 +264,7 @@ def make_judge(s, tok):
 
 def judge_responses(s, tok, rows, responses, out_path):
     """P matrices, one per prompt, in chunks of judge_batch prompts (`runs.in_chunks`). The prompt
-    shown to PairRM is chat-rendered, as in the reference."""
+    shown to PairRM is chat-rendered, as in the authors' code."""
     by_id = {g["id"]: g for g in responses}
 
     def work(c, chunk, judge):
@@ -306,7 +306,7 @@ def build_pairs(rows):
 
 
 def make_pairs(s, tok, policy_dir, responses, judgments, out_path):
-    """Pairs as the reference builds them, each stored with log pi_t of chosen and rejected.
+    """Pairs as the authors' code builds them, each stored with log pi_t of chosen and rejected.
 
     The reference model is the frozen NF4 pi_t that training starts from (adapter off), so
     the log-ratio is exactly 0 at step 0. It is computed once, here, before any training."""
@@ -479,7 +479,7 @@ def kl_estimate(s, tok, old_dir, new_dir, rows, out_path):
 def run(s):
     t0 = time.time()
     base_dir, tok, parts, heldout, run_dir = checks.start(s, Settings.HARMLESS)
-    seeds = [50 * k for k in range(s.k)]  # 0, 50, ..., 200: the reference code's vLLM seeds (see sample)
+    seeds = [50 * k for k in range(s.k)]  # 0, 50, ..., 200: the authors' code's vLLM seeds (see sample)
     with runs.stage("base", "generate") as st:
         base_answers = sample(s, base_dir, tok, heldout, run_dir / "eval_base.jsonl", [0], greedy=True, desc="eval pi_0",
                               batch=s.eval_batch)
