@@ -353,8 +353,8 @@ def check(cfg: M.Config, devices, w: Workload, micro_batches=2, steps=3):
     (pipelined forward, loss on response positions, backward, AdamW), and print each device's
     measured peak beside the plan's estimate, and the training tokens/s."""
     import time
-    cuda = torch.device(devices[0]).type == "cuda"
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dev = torch.device(devices[0])
+    cuda, dtype = dev.type == "cuda", compute_dtype(dev)
     w.compute_bytes = torch.finfo(dtype).bits // 8
     bounds, rows = plan(cfg, devices, w)
     m = random_model(cfg, devices, bounds, dtype, w.lora_r)
@@ -371,7 +371,7 @@ def check(cfg: M.Config, devices, w: Workload, micro_batches=2, steps=3):
     times = []
     for _ in range(steps):
         t = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        with autocast(dev):
             logps = M.sequence_logps(micro_batched(m, micro_batches), ids, seg)  # as sppo.train_step
         (logps.float() / w.resp_len).pow(2).mean().backward()
         opt.step()
