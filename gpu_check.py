@@ -13,8 +13,9 @@ the end is built from those lines:
   train     a random Llama-3-8B-shaped NF4 + LoRA model, split as the plan says, trained a few
             steps at the walkthrough's settings (pipeline.check): peak memory per card against
             the plan, training and reference-scoring tokens/s
-  sample    the same shapes in bf16, as the sampler holds them: tokens/s at batch 1 and 16,
-            peak memory per card against the plan
+  sample    the same shapes in bf16, as the sampler holds them: tokens/s at batch 1 and 16 (decode
+            steps replayed as CUDA graphs; batch 1 also without), peak memory per card against the
+            plan; on one card the same in NF4
   e2e       one tiny SPPO iteration through sppo.py on the cards, every stage
   e2e-vllm  the same with --backend vllm (skipped when vLLM does not import)
 
@@ -30,7 +31,7 @@ Without CUDA there is nothing to check: one line, exit status 0 (CI stays green)
 
 What it calls in the rest of the project: sppo.parse_args, main; pipeline.workload, plan,
 print_plan, check, device_map, micro_batched, random_tensors, CONTEXT; model.Config, LLAMA3_8B,
-create, load_state, sequence_logps, generate, Attention; quant.NF4Linear; tests/tiny.py's
+create, load_state, sequence_logps, generate, Attention; quant.NF4Linear, quantize_model; tests/tiny.py's
 make_tiny_chat_model and the device tests of tests/test_pipeline.py and tests/test_devices.py
 (DEVICE_TESTS).
 
@@ -127,7 +128,8 @@ def make_tiny_model(path, hidden):
 DEVICE_TESTS = ["tests/test_pipeline.py::test_split_hidden_states_and_logits_match_one_device",
                 "tests/test_pipeline.py::test_split_and_micro_batched_loss_and_lora_grads_match_full_batch",
                 "tests/test_pipeline.py::test_split_greedy_generation_matches_one_device",
-                "tests/test_devices.py::test_lora_a_is_drawn_on_the_cpu_so_the_adapter_does_not_depend_on_the_split"]
+                "tests/test_devices.py::test_lora_a_is_drawn_on_the_cpu_so_the_adapter_does_not_depend_on_the_split",
+                "tests/test_pipeline.py::test_static_cache_step_samples_the_growing_cache_steps_tokens"]
 
 
 # ----------------------------------------------------------------------------- memory per card
@@ -355,6 +357,16 @@ def random_bf16_model(cfg, devices, bounds, dtype, seed=0):
     return m.eval()
 
 
+def random_nf4_model(cfg, devices, bounds, dtype, seed=0):
+    """random_bf16_model's weights with every linear in NF4 (pipeline.random_model without LoRA)."""
+    import pipeline
+    import quant
+    where = pipeline.device_map(bounds, devices)
+    m = quant.quantize_model(None, dtype, where, cfg=cfg, tensors=pipeline.random_tensors(cfg, dtype, where, seed))
+    m.stage_bounds = bounds
+    return m.eval()
+
+
 def step_sample(c: Check):
     """Sampling as sppo.sample does it (temperature 0.7, top-p 0.9, no early stop), at batch 1
     and at the walkthrough's --gen-batch with its full prompt and answer lengths."""
@@ -371,9 +383,10 @@ def step_sample(c: Check):
     g = torch.Generator().manual_seed(0)
     prompts = lambda n: torch.randint(3, cfg.vocab_size, (n, s.max_prompt_len), generator=g).tolist()
 
-    def rate(n, new):
+    def rate(n, new, static_cache=None):
         t = time.perf_counter()
-        out = M.generate(m, prompts(n), new, s.temperature, s.top_p, s.top_k, stop_ids=(), seed=0)
+        out = M.generate(m, prompts(n), new, s.temperature, s.top_p, s.top_k, stop_ids=(), seed=0,
+                         static_cache=static_cache)
         sync(devices)
         if sum(map(len, out)) != n * new:
             raise RuntimeError(f"the sampler stopped early: {sum(map(len, out))} of {n} x {new} tokens")
@@ -384,10 +397,22 @@ def step_sample(c: Check):
     batch = max(s.gen_batch, s.eval_batch)
     big = rate(batch, s.max_new_tokens)
     memory = mem.rows(rows, "sample")
-    one = rate(1, min(c.batch1_tokens, s.max_new_tokens))
-    return {"ok": True, "memory": memory, "rates": {"sample_tok_s_1": one, "sample_tok_s_batch": big}, "gen_batch": batch,
-            "summary": f"{one:,.1f} tokens/s at batch 1, {big:,.0f} at batch {batch} "
-                       f"(prompts of {s.max_prompt_len} tokens, {s.max_new_tokens} new, layers {bounds})"}
+    n1 = min(c.batch1_tokens, s.max_new_tokens)
+    one = rate(1, n1)
+    rates = {"sample_tok_s_1": one, "sample_tok_s_batch": big}
+    # batch 1 again with each step's kernels launched one by one (no CUDA graph), then all in NF4
+    rates["sample_tok_s_1_eager"] = rate(1, n1 // 4, static_cache=False)
+    summary = (f"{one:,.1f} tokens/s at batch 1 ({rates['sample_tok_s_1_eager']:,.1f} without CUDA graphs), "
+               f"{big:,.0f} at batch {batch}")
+    if c.cuda and len(set(devices)) == 1:  # the 4-bit model is built on one card
+        del m
+        mem.reset()
+        m = random_nf4_model(cfg, devices, bounds, torch.bfloat16)
+        rate(2, 4)
+        rates["nf4_tok_s_1"], rates["nf4_tok_s_batch"] = rate(1, n1), rate(batch, n1)
+        summary += f"; in NF4 {rates['nf4_tok_s_1']:,.1f} at batch 1, {rates['nf4_tok_s_batch']:,.0f} at batch {batch}"
+    return {"ok": True, "memory": memory, "rates": rates, "gen_batch": batch,
+            "summary": summary + f" (prompts of {s.max_prompt_len} tokens, {s.max_new_tokens} new, layers {bounds})"}
 
 
 def sync(devices):

@@ -224,6 +224,10 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, slot, k, v):
+        if torch.is_tensor(slot):  # the static decode step (CapturedDecode): fixed shapes, the whole cache
+            self.k.index_copy_(2, slot, k)
+            self.v.index_copy_(2, slot, v)
+            return self.k, self.v
         T = k.shape[2]
         self.k[:, :, slot:slot + T] = k
         self.v[:, :, slot:slot + T] = v
@@ -276,6 +280,11 @@ class Attention(nn.Module):
         gqa = self.n_kv_heads != self.n_heads
         if mask is not None and gqa and q.device.type != "cpu":
             rep = self.n_heads // self.n_kv_heads
+            if q.shape[2] == 1:  # one query per row (decode): a KV head's rep query heads become rep query rows
+                B, H, _, D = q.shape
+                y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv_heads, rep, D), k, v, attn_mask=mask,
+                                                   scale=self.scale)
+                return y.reshape(B, H, 1, D)
             k, v, gqa = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), False
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
                                               enable_gqa=gqa)
@@ -343,13 +352,13 @@ class Block(nn.Module):
 def attention_mask(q_valid, k_valid, q_slot0, window=None):
     """Boolean SDPA mask (B, 1, Tq, Tk): True where query i may attend to key j.
 
-    Slots are indices along the (padded) time axis. A query sees earlier-or-equal slots that
-    hold real tokens. Every query also sees itself, so rows of padding never become all-False
-    (SDPA would return NaN there); real tokens never look at padding, so this changes nothing
-    that is used.
+    Slots are indices along the (padded) time axis; the queries' are q_slot0.. (or the tensor
+    q_slot0 itself). A query sees earlier-or-equal slots that hold real tokens. Every query also
+    sees itself, so rows of padding never become all-False (SDPA would return NaN there); real
+    tokens never look at padding, so this changes nothing that is used.
     """
     Tq, Tk = q_valid.shape[1], k_valid.shape[1]
-    qs = torch.arange(q_slot0, q_slot0 + Tq, device=k_valid.device)[:, None]
+    qs = (q_slot0 if torch.is_tensor(q_slot0) else torch.arange(q_slot0, q_slot0 + Tq, device=k_valid.device))[:, None]
     ks = torch.arange(Tk, device=k_valid.device)[None, :]
     allowed = ks <= qs
     if window is not None:
@@ -393,7 +402,8 @@ class Transformer(nn.Module):
         attn_mask: (B, T) bool, True for real tokens (left padding is False). pos: (B, T) RoPE
         positions; by default each row counts its real tokens from 0, so a left-padded row gets
         the same positions as the row alone. slot: None for a full forward (training, scoring);
-        an int to write this chunk into the KV cache at that slot and attend over the cache.
+        an int to write this chunk into the KV cache at that slot and attend over the cache; a
+        tensor of slots to write there and attend over the whole cache, shapes fixed (CapturedDecode).
         head=False returns the final normalised hidden states instead of logits, so a caller that
         needs only some positions' logits (training scores responses, not prompts) saves the rest.
         embed and finish are methods of their own so a pipeline (pipeline.py) can run the
@@ -422,12 +432,15 @@ class Transformer(nn.Module):
         x = self.embed_tokens(idx)
         cos, sin = rope_cos_sin(self.inv_freq, pos, x.dtype)
         valid = attn_mask if attn_mask is not None else torch.ones_like(idx, dtype=torch.bool)
-        if slot is not None:
+        static = torch.is_tensor(slot)  # slot a tensor: CapturedDecode's step, over the whole cache
+        if static:
+            self.cache_valid.index_copy_(1, slot, valid)
+        elif slot is not None:
             self.cache_valid[:, slot:slot + T] = valid
 
         def mask_for(window):
             if slot is not None:
-                return attention_mask(valid, self.cache_valid[:, :slot + T], slot, window)
+                return attention_mask(valid, self.cache_valid if static else self.cache_valid[:, :slot + T], slot, window)
             if full is not None:  # a window counts positions, which a pair row's second response restarts
                 return full if window is None or T <= window else full & (pos[:, None, :, None] - pos[:, None, None, :] < window)
             if attn_mask is None and (window is None or T <= window):
@@ -734,19 +747,24 @@ def sample_next(logits, temperature=1.0, top_p=1.0, top_k=0, generator=None):
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
-             stop_ids=(), seed=None, pad_id=0):
+             stop_ids=(), seed=None, pad_id=0, static_cache=None):
     """Sample continuations for a batch of token-id lists with a KV cache.
 
     Prompts are left-padded so every row's last prompt token sits in the same slot; each row
     stops at its first stop id (which is kept in its output) or after max_new_tokens. The
     same seed gives the same samples. Returns a list of new-token lists.
+
+    static_cache: decode with CapturedDecode's fixed-shape step, a CUDA graph on CUDA. None
+    (the default) does so on CUDA when the whole model is on one card; elsewhere each step
+    attends over the cache filled so far and rows that are done leave the batch.
     """
-    return generate_seeds(model, prompts, max_new_tokens, temperature, top_p, top_k, stop_ids, [seed], pad_id)[0]
+    return generate_seeds(model, prompts, max_new_tokens, temperature, top_p, top_k, stop_ids, [seed], pad_id,
+                          static_cache)[0]
 
 
 @torch.no_grad()
 def generate_seeds(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
-                   stop_ids=(), seeds=(None,), pad_id=0):
+                   stop_ids=(), seeds=(None,), pad_id=0, static_cache=None):
     """generate() once per seed, the same prompts: a list with one result per seed, each equal
     to generate(..., seed=that seed).
 
@@ -760,8 +778,10 @@ def generate_seeds(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, t
     device = model.embed_tokens.weight.device
     w = model.embed_tokens.weight
     if len(seeds) > 1 and (len(prompts) == 1 or not kernels.onednn_ok(w, w)):
-        return [generate_seeds(model, prompts, max_new_tokens, temperature, top_p, top_k, stop_ids, [s], pad_id)[0]
-                for s in seeds]
+        return [generate_seeds(model, prompts, max_new_tokens, temperature, top_p, top_k, stop_ids, [s], pad_id,
+                               static_cache)[0] for s in seeds]
+    if static_cache is None:
+        static_cache = device.type == "cuda" and {p.device for p in model.parameters()} == {device}
     # Longest prompts first, so rows of similar length are neighbours and prefill() can run
     # them as blocks cut to their own longest prompt; results go back in the caller's order.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
@@ -784,7 +804,8 @@ def generate_seeds(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, t
                 c.v[g * B:(g + 1) * B, :, :T].copy_(c.v[:B, :, :T])
         model.cache_valid[B:, :T] = model.cache_valid[:B, :T].repeat(G - 1, 1)
         out = decode_n_tokens(model, logits.repeat(G, 1), (pos[:, -1:] + 1).repeat(G, 1), T, B, max_new_tokens,
-                              temperature, top_p, top_k, stop_ids, gens, pad_id)
+                              temperature, top_p, top_k, stop_ids, gens, pad_id,
+                              CapturedDecode(model, G * B) if static_cache else None)
     finally:
         model.clear_cache()
     results = []
@@ -798,7 +819,8 @@ def generate_seeds(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, t
     return results
 
 
-def decode_n_tokens(model, logits, next_pos, slot, B, n, temperature, top_p, top_k, stop_ids, gens, pad_id):
+def decode_n_tokens(model, logits, next_pos, slot, B, n, temperature, top_p, top_k, stop_ids, gens, pad_id,
+                    step_fn=None):
     """The decode loop: sample a token for every row not done yet (rows g*B..(g+1)*B-1 with
     generator gens[g], in row order), write it, run the one-token forward over the cache from
     `slot`, until every row has met a stop id or n tokens. Returns the (rows, steps) new tokens,
@@ -807,7 +829,8 @@ def decode_n_tokens(model, logits, next_pos, slot, B, n, temperature, top_p, top
     Rows that are done leave the forward: once a quarter of the rows it runs are done, the KV
     cache is cut to the others (one copy each time, a few times per call). A row's logits do not
     depend on the other rows (generate_seeds), so this changes no row's tokens; at least two rows
-    stay, as oneDNN's one-row product is another kernel."""
+    stay, as oneDNN's one-row product is another kernel. With a fixed-shape step_fn
+    (CapturedDecode) every row runs to the end: on a GPU a step costs the same for 1 row or 16."""
     device = logits.device
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     rows = logits.shape[0]
@@ -826,7 +849,7 @@ def decode_n_tokens(model, logits, next_pos, slot, B, n, temperature, top_p, top
         if bool(done.all()) or step == n - 1:
             return out[:, :step + 1]
         todo = ~done[run]
-        if len(run) > 2 and 4 * int(todo.sum()) <= 3 * len(run):
+        if step_fn is None and len(run) > 2 and 4 * int(todo.sum()) <= 3 * len(run):
             keep = todo.nonzero().squeeze(1)
             if len(keep) < 2:  # fill with rows that are done
                 keep = torch.cat([keep, (~todo).nonzero().squeeze(1)[:2 - len(keep)]]).sort().values
@@ -834,13 +857,51 @@ def decode_n_tokens(model, logits, next_pos, slot, B, n, temperature, top_p, top
                 layer.self_attn.cache.keep(keep)
             model.cache_valid = model.cache_valid[keep.to(model.cache_valid.device)]
             run, tok, next_pos = run[keep], tok[keep], next_pos[keep]
-        logits = decode_one_token(model, tok, next_pos, slot + step)
+        logits = step_fn(tok, next_pos, slot + step) if step_fn else decode_one_token(model, tok, next_pos, slot + step)
         next_pos = next_pos + 1
 
 
 def decode_one_token(model, tok, pos, slot):
     """Last-position logits (rows, vocab) of one new token per row, written to the cache at slot."""
     return model(tok[:, None], None, pos, slot=slot)[:, -1].to(pos.device)
+
+
+class CapturedDecode:
+    """decode_one_token with fixed shapes, captured once as a CUDA graph and replayed each step:
+    what gpt-fast gets from torch.compile(mode="reduce-overhead"), by hand. An 8B model's step
+    is ~1,300 kernel launches, each a few microseconds of Python and driver for much less GPU
+    work at small batches; a replay launches them all at once.
+
+    Fixed shapes: the token, positions and slot live in tensors of their own that each call
+    refills, and the step attends over the whole preallocated cache (slots not yet written are
+    masked out; their zeros cost a read, no more). Off CUDA the same step runs eagerly (the tests)."""
+
+    def __init__(self, model, rows):
+        dev = model.embed_tokens.weight.device
+        self.model, self.graph, self.logits = model, None, None
+        self.tok = torch.zeros(rows, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(rows, 1, dtype=torch.long, device=dev)
+        self.slot = torch.zeros(1, dtype=torch.long, device=dev)
+
+    def __call__(self, tok, pos, slot):
+        self.tok.copy_(tok)
+        self.pos.copy_(pos)
+        self.slot.fill_(slot)
+        if self.tok.device.type != "cuda":
+            return decode_one_token(self.model, self.tok, self.pos, self.slot)
+        if self.graph is None:
+            # A first eager run on a side stream loads the kernels and cuBLAS' workspace, which a
+            # capture must not do; it writes this step's K/V, which the replay writes again.
+            side = torch.cuda.Stream(self.tok.device)
+            side.wait_stream(torch.cuda.current_stream(self.tok.device))
+            with torch.cuda.stream(side):
+                decode_one_token(self.model, self.tok, self.pos, self.slot)
+            torch.cuda.current_stream(self.tok.device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = decode_one_token(self.model, self.tok, self.pos, self.slot)
+        self.graph.replay()
+        return self.logits  # the graph's own output tensor: read it before the next call
 
 
 def length_groups(lengths, waste=0.15):

@@ -108,6 +108,8 @@ def test_greedy_kv_cache_matches_transformers_generate(tmp_path):
     ref = hf.generate(idx, attention_mask=mask.long(), max_new_tokens=n, do_sample=False, pad_token_id=0,
                       eos_token_id=None)
     assert batch == ref[:, idx.shape[1]:].tolist()
+    # CUDA's fixed-shape decode step (run eagerly here: the whole cache, the window as a mask)
+    assert M.generate(ours, prompts, n, temperature=0, static_cache=True) == ref[:, idx.shape[1]:].tolist()
     # The test can fail: the window changes these outputs, and they are not one repeated token.
     assert all(len(set(x)) > 5 for x in batch)
     for layer in ours.layers:

@@ -96,13 +96,15 @@ def test_greedy_kv_cache_equals_recompute_and_transformers(tmp_path, variant):
     prompts = [[5, 17, 33, 2, 9], [44, 3], [7, 7, 8, 90, 12, 61, 4, 5, 6]]
     n = 20
     batch = M.generate(m, prompts, n, temperature=0)
-    for p, got in zip(prompts, batch):
+    static = M.generate(m, prompts, n, temperature=0, static_cache=True)  # CUDA's fixed-shape step, run eagerly
+    for p, got, fixed in zip(prompts, batch, static):
         alone = M.generate(m, [p], n, temperature=0)[0]
         assert got == alone, "a batch row differs from the same prompt run alone"
         assert got == greedy_no_cache(m, p, n)
         ref = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
                           max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
         assert got == ref[0, len(p):].tolist()
+        assert fixed == ref[0, len(p):].tolist(), "the static-cache step differs from transformers"
 
 
 def test_stop_ids_end_each_row_on_its_own(tmp_path):
@@ -276,6 +278,8 @@ def test_seeds_in_one_batch_equal_one_call_per_seed(tmp_path):
             assert any(len(r) < 12 for a in alone for r in a)
         one = [M.generate(m, prompts[:1], 12, stop_ids=stop_ids, seed=s, **kw) for s in seeds]
         assert M.generate_seeds(m, prompts[:1], 12, stop_ids=stop_ids, seeds=seeds, **kw) == one
+        # CUDA's fixed-shape step (run eagerly here), where done rows stay in the batch: same samples
+        assert M.generate_seeds(m, prompts, 12, stop_ids=stop_ids, seeds=seeds, static_cache=True, **kw) == alone
 
 
 @pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh"])

@@ -140,6 +140,30 @@ def test_split_greedy_generation_matches_one_device(tiny, dev):
     assert M.generate(split, prompts, 12, temperature=0.0) == M.generate(whole, prompts, 12, temperature=0.0)
 
 
+@pytest.mark.parametrize("dev", DEVICES)
+@pytest.mark.parametrize("quantized", [False, True])
+def test_static_cache_step_samples_the_growing_cache_steps_tokens(tiny, dev, quantized, monkeypatch):
+    """The sampler's fixed-shape decode step (model.CapturedDecode: on CUDA one captured CUDA
+    graph, replayed) gives the tokens of the eager step over the growing cache, greedy and
+    sampled, in full precision and in NF4 (bitsandbytes' kernels inside the graph)."""
+    graphs = []
+
+    class Counted(torch.cuda.CUDAGraph):
+        def replay(self):
+            graphs.append(self)
+            return super().replay()
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Counted)
+    m = split_model(tiny, [0, 5], quantized=quantized, dev=first(dev))
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16]]
+    for kw in (dict(temperature=0.0), dict(temperature=1.0, seed=3), dict(temperature=0.7, top_p=0.9, seed=4)):
+        want = M.generate(m, prompts, 12, static_cache=False, **kw)
+        assert M.generate(m, prompts, 12, static_cache=True, **kw) == want, kw
+    assert len(set(sum(want, []))) > 5, "the samples are one repeated token: the check is weak"
+    assert bool(graphs) == first(dev).startswith("cuda"), "CUDA decodes by replaying a graph, nothing else does"
+    if graphs:  # and on one card that is the default
+        assert M.generate(m, prompts, 12, **kw) == want and len(set(map(id, graphs))) == 4
+
+
 # ----------------------------------------------------------------------------- the memory plan
 
 def test_balance_is_the_best_contiguous_split():
