@@ -754,9 +754,9 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     stops at its first stop id (which is kept in its output) or after max_new_tokens. The
     same seed gives the same samples. Returns a list of new-token lists.
 
-    static_cache: decode with CapturedDecode's fixed-shape step, a CUDA graph on CUDA. None
-    (the default) does so on CUDA when the whole model is on one card; elsewhere each step
-    attends over the cache filled so far and rows that are done leave the batch.
+    static_cache: decode with CapturedDecode's fixed-shape step, CUDA graphs on CUDA. None (the
+    default) does so when the whole model is on CUDA cards; elsewhere each step attends over
+    the cache filled so far and rows that are done leave the batch.
     """
     return generate_seeds(model, prompts, max_new_tokens, temperature, top_p, top_k, stop_ids, [seed], pad_id,
                           static_cache)[0]
@@ -781,7 +781,7 @@ def generate_seeds(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, t
         return [generate_seeds(model, prompts, max_new_tokens, temperature, top_p, top_k, stop_ids, [s], pad_id,
                                static_cache)[0] for s in seeds]
     if static_cache is None:
-        static_cache = device.type == "cuda" and {p.device for p in model.parameters()} == {device}
+        static_cache = {p.device.type for p in model.parameters()} == {"cuda"}
     # Longest prompts first, so rows of similar length are neighbours and prefill() can run
     # them as blocks cut to their own longest prompt; results go back in the caller's order.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
@@ -867,41 +867,72 @@ def decode_one_token(model, tok, pos, slot):
 
 
 class CapturedDecode:
-    """decode_one_token with fixed shapes, captured once as a CUDA graph and replayed each step:
+    """decode_one_token with fixed shapes, captured once as CUDA graphs and replayed each step:
     what gpt-fast gets from torch.compile(mode="reduce-overhead"), by hand. An 8B model's step
     is ~1,300 kernel launches, each a few microseconds of Python and driver for much less GPU
     work at small batches; a replay launches them all at once.
 
     Fixed shapes: the token, positions and slot live in tensors of their own that each call
     refills, and the step attends over the whole preallocated cache (slots not yet written are
-    masked out; their zeros cost a read, no more). Off CUDA the same step runs eagerly (the tests)."""
+    masked out; their zeros cost a read, no more). A model split over cards (pipeline.py) gets
+    one graph per stage, and between two replays its activations hop to the next card, as in
+    forward. Off CUDA the same step runs eagerly (the tests)."""
 
     def __init__(self, model, rows):
         dev = model.embed_tokens.weight.device
-        self.model, self.graph, self.logits = model, None, None
+        self.model, self.graphs, self.logits = model, None, None
         self.tok = torch.zeros(rows, dtype=torch.long, device=dev)
         self.pos = torch.zeros(rows, 1, dtype=torch.long, device=dev)
         self.slot = torch.zeros(1, dtype=torch.long, device=dev)
+        bounds = getattr(model, "stage_bounds", None) or [0, len(model.layers)]
+        self.stages = [model.layers[a:b] for a, b in zip(bounds, bounds[1:])]
 
     def __call__(self, tok, pos, slot):
         self.tok.copy_(tok)
         self.pos.copy_(pos)
         self.slot.fill_(slot)
-        if self.tok.device.type != "cuda":
-            return decode_one_token(self.model, self.tok, self.pos, self.slot)
-        if self.graph is None:
-            # A first eager run on a side stream loads the kernels and cuBLAS' workspace, which a
-            # capture must not do; it writes this step's K/V, which the replay writes again.
-            side = torch.cuda.Stream(self.tok.device)
-            side.wait_stream(torch.cuda.current_stream(self.tok.device))
-            with torch.cuda.stream(side):
-                decode_one_token(self.model, self.tok, self.pos, self.slot)
-            torch.cuda.current_stream(self.tok.device).wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits = decode_one_token(self.model, self.tok, self.pos, self.slot)
-        self.graph.replay()
-        return self.logits  # the graph's own output tensor: read it before the next call
+        if self.tok.device.type != "cuda":  # the same stages, eagerly
+            out = self.stage(0)
+            for i in range(1, len(self.stages)):
+                out = self.stage(i, *to_layer(self.stages[i][0], *out))
+            return out.to(self.tok.device)
+        if self.graphs is None:
+            self.capture()
+        for graph, hops in self.graphs:
+            for dst, src in hops:
+                dst.copy_(src)
+            graph.replay()
+        return self.logits.to(self.tok.device)  # the last graph's own output: read it before the next call
+
+    def stage(self, i, x=None, ctx=None):
+        """Stage i of the one-token forward: after the embedding for stage 0, the head after the last."""
+        if i == 0:
+            x, ctx = self.model.embed(self.tok[:, None], None, self.pos, self.slot)
+        for layer in self.stages[i]:
+            x = layer(x, *ctx)
+        return self.model.finish(x)[:, -1] if i == len(self.stages) - 1 else (x, ctx)
+
+    def capture(self):
+        # A first eager step on a side stream loads the kernels and cuBLAS' workspace, which a
+        # capture must not do; it writes this step's K/V, which the replay writes again.
+        side = torch.cuda.Stream(self.tok.device)
+        side.wait_stream(torch.cuda.current_stream(self.tok.device))
+        with torch.cuda.stream(side):
+            decode_one_token(self.model, self.tok, self.pos, self.slot)
+        torch.cuda.current_stream(self.tok.device).wait_stream(side)
+        self.graphs, out = [], None
+        for i, layers in enumerate(self.stages):
+            dev, hops, args = layer_device(layers[0]), [], ()
+            if i > 0:  # the previous stage's outputs, copied to this card if it is another (fixed buffers)
+                args = [t.to(dev) if torch.is_tensor(t) else t for t in (out[0], *out[1])]
+                hops = [(a, t) for a, t in zip(args, (out[0], *out[1])) if torch.is_tensor(t) and a is not t]
+                args = (args[0], tuple(args[1:]))
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.device(dev), torch.cuda.graph(graph, stream=torch.cuda.Stream(dev)):
+                out = self.stage(i, *args)
+            self.graphs.append((graph, hops))
+        self.logits = out
+
 
 
 def length_groups(lengths, waste=0.15):

@@ -137,7 +137,11 @@ def test_split_and_micro_batched_loss_and_lora_grads_match_full_batch(tiny, boun
 def test_split_greedy_generation_matches_one_device(tiny, dev):
     whole, split = M.load_model(tiny, device=first(dev)), split_model(tiny, [0, 3, 5], dev=dev)
     prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16]]
-    assert M.generate(split, prompts, 12, temperature=0.0) == M.generate(whole, prompts, 12, temperature=0.0)
+    for kw in (dict(temperature=0.0), dict(temperature=1.0, seed=3)):
+        want = M.generate(whole, prompts, 12, static_cache=False, **kw)
+        assert M.generate(split, prompts, 12, static_cache=False, **kw) == want
+        # the fixed-shape step, stage by stage (on CUDA one graph per stage, activations hopping between)
+        assert M.generate(split, prompts, 12, static_cache=True, **kw) == want
 
 
 @pytest.mark.parametrize("dev", DEVICES)
