@@ -252,9 +252,10 @@ def nf4_matmul_error(dev):
     against a plain matmul with the dequantized weight: a batch with the input gradient (training's
     path) and one row without (bitsandbytes' separate single-token kernel)."""
     import torch
+    import pipeline
     import quant
     torch.manual_seed(0)
-    dtype = torch.bfloat16 if dev.startswith("cuda") else torch.float32
+    dtype = pipeline.compute_dtype(torch.device(dev))
     lin = quant.NF4Linear(torch.randn(512, 1024, device=dev, dtype=dtype) * 0.02, dtype)
     w = lin.dequantize().to(dtype)
     rel = lambda a, b: ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
@@ -324,7 +325,7 @@ def step_train(c: Check):
         times = []
         for _ in range(3):
             t = time.perf_counter()
-            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=c.cuda):
+            with torch.no_grad(), pipeline.autocast(torch.device(devices[0])):
                 M.sequence_logps(pipeline.micro_batched(m, chunks), ids, seg)
             sync(devices)
             times.append(time.perf_counter() - t)
@@ -379,7 +380,8 @@ def step_sample(c: Check):
     bounds, rows = pipeline.plan(cfg, devices, w)
     if not pipeline.print_plan(rows):
         return {"ok": False, "summary": "the plan says sampling does not fit these cards"}
-    m = random_bf16_model(cfg, devices, bounds, torch.bfloat16 if c.cuda else torch.float32)
+    dtype = pipeline.compute_dtype(torch.device(devices[0]))
+    m = random_bf16_model(cfg, devices, bounds, dtype)
     g = torch.Generator().manual_seed(0)
     prompts = lambda n: torch.randint(3, cfg.vocab_size, (n, s.max_prompt_len), generator=g).tolist()
 
@@ -407,7 +409,7 @@ def step_sample(c: Check):
     if c.cuda and len(set(devices)) == 1:  # the 4-bit model is built on one card
         del m
         mem.reset()
-        m = random_nf4_model(cfg, devices, bounds, torch.bfloat16)
+        m = random_nf4_model(cfg, devices, bounds, dtype)
         rate(2, 4)
         rates["nf4_tok_s_1"], rates["nf4_tok_s_batch"] = rate(1, n1), rate(batch, n1)
         summary += f"; in NF4 {rates['nf4_tok_s_1']:,.1f} at batch 1, {rates['nf4_tok_s_batch']:,.0f} at batch {batch}"

@@ -934,7 +934,6 @@ class CapturedDecode:
         self.logits = out
 
 
-
 def length_groups(lengths, waste=0.15):
     """Row indices grouped, longest first, so that padding each group to its longest row adds at
     most `waste` of its real tokens: a padded position costs the model as much as a real one.
@@ -987,7 +986,7 @@ def sequence_logps(model, ids, resp):
     attn_mask, pos) and logits(h), e.g. pipeline.GPipe, the micro-batched schedule over split devices."""
     n = 1 if resp.dtype == torch.bool else 2
     seg = resp.long()
-    ends = ((seg > 0).long() * torch.arange(1, ids.shape[1] + 1, device=ids.device)).amax(1).clamp(min=1).tolist()
+    ends = row_ends(seg).clamp(min=1).tolist()
     parts, order = [], []
     for g in length_groups(ends):
         T = ends[g[0]]
@@ -1005,6 +1004,11 @@ def sequence_logps(model, ids, resp):
         order += g
     out = parts[0] if len(parts) == 1 else torch.cat(parts)[torch.tensor(order, device=parts[0].device).argsort()]
     return out[:, 0] if n == 1 else out
+
+
+def row_ends(seg):
+    """(B,) how far each row of right-padded rows runs: one past its last scored token (0 for none)."""
+    return ((seg > 0).long() * torch.arange(1, seg.shape[1] + 1, device=seg.device)).amax(1)
 
 
 def pair_row_layout(seg):

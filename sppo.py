@@ -196,7 +196,7 @@ def train_step(score, batch, s, pad_id, dev, amp=None):
     targets = sppo_targets(s.loss, *probs, s.eta) if s.loss in ("sppo", "sppo_single") else (None, None)
     seen = {"logr_w": logps[:, 0] - ref_w, "logr_l": logps[:, 1] - ref_l, "target_w": targets[0], "target_l": targets[1]}
     seen = {k: v.detach().tolist() for k, v in seen.items() if v is not None}
-    seen["tokens"] = int(((seg > 0).long() * torch.arange(1, seg.shape[1] + 1, device=seg.device)).amax(1).sum())
+    seen["tokens"] = int(M.row_ends(seg).sum())  # what the forward ran: each row up to its last scored token
     return losses.mean(), seen
 
 
