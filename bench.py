@@ -84,10 +84,6 @@ def device_of(b):
     return torch.device(b.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def dtype_of(dev):
-    return torch.bfloat16 if dev.type == "cuda" else torch.float32  # as sppo.compute_dtype
-
-
 # ----------------------------------------------------------------------------- data (same for both)
 
 def make_pairs(b, vocab, pad_id):
@@ -146,14 +142,14 @@ def load_ours(b, dev, quantized):
     if b.model == LLAMA3_8B:
         return random_ours(dev, quantized)
     if quantized:
-        return quant.quantize_model(model_dir(b), dtype_of(dev), dev)
-    return M.load_model(model_dir(b), dtype_of(dev), dev)
+        return quant.quantize_model(model_dir(b), pipeline.compute_dtype(dev), dev)
+    return M.load_model(model_dir(b), pipeline.compute_dtype(dev), dev)
 
 
 def bnb_config(dev):
     from transformers import BitsAndBytesConfig
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=dtype_of(dev))
+                              bnb_4bit_compute_dtype=pipeline.compute_dtype(dev))
 
 
 def load_theirs(b, dev, quantized):
@@ -162,7 +158,7 @@ def load_theirs(b, dev, quantized):
     if b.model == LLAMA3_8B:
         return random_theirs(dev, quantized)
     kw = {"quantization_config": bnb_config(dev), "device_map": str(dev)} if quantized else {}
-    m = AutoModelForCausalLM.from_pretrained(model_dir(b), dtype=dtype_of(dev), attn_implementation="sdpa", **kw)
+    m = AutoModelForCausalLM.from_pretrained(model_dir(b), dtype=pipeline.compute_dtype(dev), attn_implementation="sdpa", **kw)
     return m.to(dev) if not quantized else m
 
 
@@ -408,7 +404,7 @@ def random_tensors(cfg, dtype, dev):
 
 
 def random_ours(dev, quantized):
-    cfg, dtype = llama3_8b(), dtype_of(dev)
+    cfg, dtype = llama3_8b(), pipeline.compute_dtype(dev)
     tensors = pipeline.random_tensors(cfg, dtype, lambda key: dev)
     if quantized:
         return quant.quantize_model(None, dtype, dev, cfg=cfg, tensors=tensors)
@@ -427,14 +423,14 @@ def random_theirs(dev, quantized):
     hf = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.ffn_dim, num_hidden_layers=c.n_layers,
                      num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, rope_theta=c.rope_theta,
                      rms_norm_eps=c.norm_eps, head_dim=c.head_dim,
-                     max_position_embeddings=c.max_seq_len, tie_word_embeddings=False, torch_dtype=dtype_of(dev),
+                     max_position_embeddings=c.max_seq_len, tie_word_embeddings=False, torch_dtype=pipeline.compute_dtype(dev),
                      attn_implementation="sdpa")
     with init_empty_weights():
         m = LlamaForCausalLM(hf)
     if quantized:  # what from_pretrained does with a BitsAndBytesConfig, one layer at a time
         m = replace_with_bnb_linear(m, modules_to_not_convert=["lm_head"], quantization_config=bnb_config(dev))
         m.is_loaded_in_4bit = True
-    for name, t in random_tensors(c, dtype_of(dev), dev):
+    for name, t in random_tensors(c, pipeline.compute_dtype(dev), dev):
         mod_name, _, leaf = name.rpartition(".")
         if quantized and mod_name.rpartition(".")[2] in quant.LINEARS:
             mod = m.get_submodule(mod_name)
@@ -541,7 +537,7 @@ def run(b, dev):
         models.append(LLAMA3_8B)
     print(machine(b, dev))
     print(f"settings: {b.rows} pairs x seq <= {b.seq_len}, LoRA r={b.lora_r}, {b.steps} timed steps x {b.train_rounds} "
-          f"training rounds, {b.gen_tokens} new tokens, {b.repeats} scoring/sampling rounds, {dtype_of(dev)} on {dev}")
+          f"training rounds, {b.gen_tokens} new tokens, {b.repeats} scoring/sampling rounds, {pipeline.compute_dtype(dev)} on {dev}")
     tables = []
     for name in models:
         bm = dataclasses.replace(b, model="" if name.startswith("embedded") else name)
