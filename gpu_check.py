@@ -9,7 +9,7 @@ the end is built from those lines:
             on each card (a matmul and its input gradient against the dequantized weight), and
             whether vLLM imports
   tests     tests/test_pipeline.py's split / gradient / generation checks on each card and on a
-            split over two cards (cuda:0,cuda:0 with one card)
+            split over two cards (cuda:0,cuda:0 with one card), and its CUDA-graph decode check
   train     a random Llama-3-8B-shaped NF4 + LoRA model, split as the plan says, trained a few
             steps at the walkthrough's settings (pipeline.check): peak memory per card against
             the plan, training and reference-scoring tokens/s
