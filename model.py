@@ -891,11 +891,8 @@ class CapturedDecode:
         self.tok.copy_(tok)
         self.pos.copy_(pos)
         self.slot.fill_(slot)
-        if self.tok.device.type != "cuda":  # the same stages, eagerly
-            out = self.stage(0)
-            for i in range(1, len(self.stages)):
-                out = self.stage(i, *to_layer(self.stages[i][0], *out))
-            return out.to(self.tok.device)
+        if self.tok.device.type != "cuda":
+            return self.eager()
         if self.graphs is None:
             self.capture()
         for graph, hops in self.graphs:
@@ -912,13 +909,20 @@ class CapturedDecode:
             x = layer(x, *ctx)
         return self.model.finish(x)[:, -1] if i == len(self.stages) - 1 else (x, ctx)
 
+    def eager(self):
+        """The stages one after another, hopping between cards as forward does."""
+        out = self.stage(0)
+        for i in range(1, len(self.stages)):
+            out = self.stage(i, *to_layer(self.stages[i][0], *out))
+        return out.to(self.tok.device)
+
     def capture(self):
         # A first eager step on a side stream loads the kernels and cuBLAS' workspace, which a
         # capture must not do; it writes this step's K/V, which the replay writes again.
         side = torch.cuda.Stream(self.tok.device)
         side.wait_stream(torch.cuda.current_stream(self.tok.device))
         with torch.cuda.stream(side):
-            decode_one_token(self.model, self.tok, self.pos, self.slot)
+            self.eager()
         torch.cuda.current_stream(self.tok.device).wait_stream(side)
         self.graphs, out = [], None
         for i, layers in enumerate(self.stages):
