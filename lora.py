@@ -53,7 +53,6 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(a.to(dev))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=dev))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.disabled = False  # True: the plain base layer (e.g. the reference model)
 
     @property
     def in_features(self):
@@ -65,8 +64,6 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         y = self.base(x)
-        if self.disabled:
-            return y
         x = self.dropout(x)
         if not torch.is_autocast_enabled(x.device.type):  # under autocast the linears cast for themselves
             x = x.to(self.lora_A.dtype)
@@ -96,11 +93,6 @@ def lora_modules(model):
 def lora_params(model):
     """The trainable tensors, by name: saving an adapter is a filter, not a walk."""
     return {n: p for n, p in model.named_parameters() if ".lora_A" in n or ".lora_B" in n}
-
-
-def set_lora_enabled(model, on):
-    for m in lora_modules(model).values():
-        m.disabled = not on
 
 
 # ----------------------------------------------------------------------------- merge

@@ -69,14 +69,6 @@ class NF4Linear(nn.Module):
         return torch.ops.bitsandbytes.dequantize_4bit(self.qweight, self.block_scales(), qs.blocksize, qs.quant_type,
                                                       qs.shape, dtype or qs.dtype)
 
-    def nbytes(self):
-        qs = self.quant_state
-        n = self.qweight.numel() * self.qweight.element_size() + qs.absmax.numel() * qs.absmax.element_size()
-        n += qs.code.numel() * qs.code.element_size()
-        if qs.nested:  # double quant: absmax itself stored in 8 bits with its own fp32 scales
-            n += qs.state2.absmax.numel() * 4 + qs.state2.code.numel() * 4
-        return n
-
 
 class NF4Matmul(torch.autograd.Function):
     """x W^T for a frozen NF4 weight on CPU in x's dtype: the weight is dequantized (bitsandbytes'
@@ -127,20 +119,6 @@ def quantize_model(path, compute_dtype=torch.float32, device="cpu", quant_type="
 
     M.load_state(model, path, compute_dtype, device, convert, tensors)
     return model.eval()
-
-
-def weight_bytes(model):
-    """Bytes the model's weights hold: 4-bit data with its quant states, and the rest."""
-    seen, n = set(), 0
-    for mod in model.modules():
-        if isinstance(mod, NF4Linear):
-            n += mod.nbytes()
-            seen.add(mod.qweight.data_ptr())
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.device.type != "meta" and t.data_ptr() not in seen and t is not getattr(model, "inv_freq", None):
-            seen.add(t.data_ptr())
-            n += t.numel() * t.element_size()
-    return n
 
 
 # ----------------------------------------------------------------------------- sizes
