@@ -3,14 +3,16 @@ and the KV-cache sampler with its twin, the scorer of given tokens.
 
 One file, read top to bottom: Config -> RMSNorm/RoPE -> Attention/MLP/Block -> Transformer
 -> Gemma-2, a small extension beside the Llama block -> loading from a Hugging Face folder
--> generate() and sequence_logps().
+-> generate() (on CUDA its decode step replayed as CUDA graphs, CapturedDecode) and
+sequence_logps().
 Module names follow Hugging Face's (q_proj, gate_proj, input_layernorm, ...) so a checkpoint
 maps onto the model by stripping the "model." prefix, and LoRA adapter keys match PEFT's.
 This file knows nothing about quantization or LoRA: those are module swaps applied to a built
-model (quant.py, lora.py), as gpt-fast does; which library multiplies on CPU is kernels.py's. It knows one thing about device splits: a layer
-may live on another device than the one before it, so the forward pass carries the
-activations over (`to_layer`); which layers go where, and the micro-batch schedule, are
-pipeline.py's.
+model (quant.py, lora.py), as gpt-fast does; which library multiplies on CPU is kernels.py's.
+It knows two things about device splits: a layer may live on another device than the one
+before it, so the forward pass carries the activations over (`to_layer`), and a split model's
+`stage_bounds` give CapturedDecode one graph per card. Which layers go where, and the
+micro-batch schedule, are pipeline.py's.
 """
 import json
 import math
