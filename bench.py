@@ -404,13 +404,8 @@ def random_tensors(cfg, dtype, dev):
 
 
 def random_ours(dev, quantized):
-    cfg, dtype = llama3_8b(), pipeline.compute_dtype(dev)
-    tensors = pipeline.random_tensors(cfg, dtype, lambda key: dev)
-    if quantized:
-        return quant.quantize_model(None, dtype, dev, cfg=cfg, tensors=tensors)
-    with torch.device("meta"):
-        m = M.create(cfg)
-    return M.load_state(m, None, dtype, dev, tensors=tensors).eval()
+    cfg = llama3_8b()
+    return pipeline.random_model(cfg, [dev], [0, cfg.n_layers], pipeline.compute_dtype(dev), lora_r=0, quantized=quantized)
 
 
 def random_theirs(dev, quantized):

@@ -344,30 +344,6 @@ def step_train(c: Check):
                           if overlap else "")}
 
 
-def random_bf16_model(cfg, devices, bounds, dtype, seed=0):
-    """The sampler's model: pipeline.random_model's shapes, weights and placement, left in the
-    compute dtype, no LoRA (sampling loads pi_t in bf16, pipeline.load)."""
-    import torch
-    import model as M
-    import pipeline
-    where = pipeline.device_map(bounds, devices)
-    with torch.device("meta"):
-        m = M.create(cfg)
-    M.load_state(m, None, dtype, where, tensors=pipeline.random_tensors(cfg, dtype, where, seed))
-    m.stage_bounds = bounds
-    return m.eval()
-
-
-def random_nf4_model(cfg, devices, bounds, dtype, seed=0):
-    """random_bf16_model's weights with every linear in NF4 (pipeline.random_model without LoRA)."""
-    import pipeline
-    import quant
-    where = pipeline.device_map(bounds, devices)
-    m = quant.quantize_model(None, dtype, where, cfg=cfg, tensors=pipeline.random_tensors(cfg, dtype, where, seed))
-    m.stage_bounds = bounds
-    return m.eval()
-
-
 def step_sample(c: Check):
     """Sampling as sppo.sample does it (temperature 0.7, top-p 0.9, no early stop), at batch 1
     and at the walkthrough's --gen-batch with its full prompt and answer lengths."""
@@ -381,7 +357,7 @@ def step_sample(c: Check):
     if not pipeline.print_plan(rows):
         return {"ok": False, "summary": "the plan says sampling does not fit these cards"}
     dtype = pipeline.compute_dtype(torch.device(devices[0]))
-    m = random_bf16_model(cfg, devices, bounds, dtype)
+    m = pipeline.random_model(cfg, devices, bounds, dtype, lora_r=0, quantized=False)  # as sampling loads pi_t
     g = torch.Generator().manual_seed(0)
     prompts = lambda n: torch.randint(3, cfg.vocab_size, (n, s.max_prompt_len), generator=g).tolist()
 
@@ -409,7 +385,7 @@ def step_sample(c: Check):
     if c.cuda and len(set(devices)) == 1:  # the 4-bit model is built on one card
         del m
         mem.reset()
-        m = random_nf4_model(cfg, devices, bounds, dtype)
+        m = pipeline.random_model(cfg, devices, bounds, dtype, lora_r=0)
         rate(2, 4)
         rates["nf4_tok_s_1"], rates["nf4_tok_s_batch"] = rate(1, n1), rate(batch, n1)
         summary += f"; in NF4 {rates['nf4_tok_s_1']:,.1f} at batch 1, {rates['nf4_tok_s_batch']:,.0f} at batch {batch}"

@@ -336,16 +336,25 @@ def random_tensors(cfg: M.Config, dtype, where, seed=0):
         yield ("model." + name if name != "lm_head.weight" else name), t, "random weights"
 
 
-def random_model(cfg: M.Config, devices, bounds, compute_dtype, lora_r=16, seed=0):
-    """A model of cfg's shapes with random weights, built in place on its devices: each target
-    linear is drawn in the compute dtype on its own device and quantized to NF4 at once, so
-    an 8B model never exists in full precision (nothing to download, nothing to load)."""
-    torch.manual_seed(seed)  # the LoRA A matrices
+def random_model(cfg: M.Config, devices, bounds, compute_dtype, lora_r=16, seed=0, quantized=True):
+    """A model of cfg's shapes with random weights, built in place on its devices (nothing to
+    download, nothing to load). quantized: each target linear is drawn in the compute dtype on
+    its own device and quantized to NF4 at once, so an 8B model never exists in full precision;
+    then LoRA of rank lora_r (0: none). quantized=False: the sampler's model, left in the compute
+    dtype. Both hold the same weights (random_tensors)."""
     where = device_map(bounds, devices)
-    m = quant.quantize_model(None, compute_dtype, where, cfg=cfg, tensors=random_tensors(cfg, compute_dtype, where, seed))
+    tensors = random_tensors(cfg, compute_dtype, where, seed)
+    if quantized:
+        m = quant.quantize_model(None, compute_dtype, where, cfg=cfg, tensors=tensors)
+    else:
+        with torch.device("meta"):
+            m = M.create(cfg)
+        M.load_state(m, None, compute_dtype, where, tensors=tensors)
     m.stage_bounds = bounds
-    lora.add_lora(m, lora.LoRAConfig(r=lora_r))
-    return m
+    if lora_r:
+        torch.manual_seed(seed)  # the LoRA A matrices
+        lora.add_lora(m, lora.LoRAConfig(r=lora_r))
+    return m.eval()
 
 
 def check(cfg: M.Config, devices, w: Workload, micro_batches=2, steps=3):
