@@ -337,11 +337,11 @@ def random_tensors(cfg: M.Config, dtype, where, seed=0):
 
 
 def random_model(cfg: M.Config, devices, bounds, compute_dtype, lora_r=16, seed=0, quantized=True):
-    """A model of cfg's shapes with random weights, built in place on its devices (nothing to
-    download, nothing to load). quantized: each target linear is drawn in the compute dtype on
-    its own device and quantized to NF4 at once, so an 8B model never exists in full precision;
-    then LoRA of rank lora_r (0: none). quantized=False: the sampler's model, left in the compute
-    dtype. Both hold the same weights (random_tensors)."""
+    """A model of cfg's shapes with random weights (random_tensors), built in place on its devices:
+    nothing to download, nothing to load. quantized: each target linear is drawn in the compute
+    dtype on its own device and quantized to NF4 at once, so an 8B model never exists in full
+    precision; False: left in the compute dtype, as sampling loads pi_t. LoRA of rank lora_r on
+    top (0: none)."""
     where = device_map(bounds, devices)
     tensors = random_tensors(cfg, compute_dtype, where, seed)
     if quantized:
