@@ -114,8 +114,7 @@ def batch_tensors(b, pairs, pad_id, dev):
     s = train_settings(b)
     ids, resp = data.seq_tensors([p["prompt_ids"] for p in pairs] * 2,
                                  [p["chosen_ids"] for p in pairs] + [p["rejected_ids"] for p in pairs], s, pad_id, dev)
-    last = (resp.long() * torch.arange(ids.shape[1], device=dev)).argmax(1, keepdim=True)
-    attn = torch.arange(ids.shape[1], device=dev)[None] <= last
+    attn = torch.arange(ids.shape[1], device=dev)[None] < M.row_ends(resp)[:, None]
     return ids, resp, attn
 
 
