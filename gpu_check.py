@@ -30,8 +30,8 @@ iteration at the paper's scale (20k prompts, K=5, up to 512 new tokens, 3 epochs
 Without CUDA there is nothing to check: one line, exit status 0 (CI stays green).
 
 What it calls in the rest of the project: sppo.parse_args, main; pipeline.workload, plan,
-print_plan, check, device_map, micro_batched, random_tensors, CONTEXT; model.Config, LLAMA3_8B,
-create, load_state, sequence_logps, generate, Attention; quant.NF4Linear, quantize_model; tests/tiny.py's
+print_plan, check, random_model, pair_rows, micro_batched, compute_dtype, autocast, CONTEXT;
+model.Config, LLAMA3_8B, sequence_logps, generate, Attention; quant.NF4Linear; tests/tiny.py's
 make_tiny_chat_model and the device tests of tests/test_pipeline.py and tests/test_devices.py
 (DEVICE_TESTS).
 

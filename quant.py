@@ -75,7 +75,7 @@ class NF4Matmul(torch.autograd.Function):
     kernel, block scales decoded once per layer) and multiplied through oneDNN (kernels.mm_nt), in
     forward and again in backward. Nothing of the weight is kept between the two: a float copy
     of every linear would cost more memory (4 bytes per weight) than dequantizing twice costs
-    time (under 1% of a training step)."""
+    time (the second dequantization: under 2% of a training step on this CPU, BENCHMARKS.md)."""
 
     @staticmethod
     def forward(ctx, x, layer):
