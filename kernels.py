@@ -2,27 +2,109 @@
 
 Nothing here changes what is computed, only which library multiplies: model.py builds its
 linears as `Linear` and fuses q/k/v and gate/up with `fused_linears` where nothing trains;
-quant.py and lora.py multiply through `linear` / `mm_nt`. On a GPU, or in another dtype, every
-function falls back to F.linear.
+quant.py and lora.py multiply through `linear` / `mm_nt`. On a GPU, in another dtype, or on a
+CPU where the one-time probe (`paths`) finds a oneDNN path missing or wrong, every function
+falls back to F.linear. Also here: what this CPU is (`cpu_description`), for the lines that
+print a time.
 """
+import functools
+import os
+import platform
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# On CPU in float32, torch's F.linear calls MKL's sgemm, which on AMD CPUs (this project's
-# EPYC machines) takes a slow generic path: oneDNN, which ships inside torch as well, runs the
-# same products 1.4x (one row, sampling) to 2.3x (batch 16 and training shapes) faster. Its
-# rows are also batch-invariant (a row's result does not depend on the other rows), MKL's are
-# not. Results differ from MKL's in the last bits (another summation order), as any two BLAS do.
+# On CPU in float32, torch's F.linear calls MKL's sgemm, which on AMD CPUs takes a slow generic
+# path: oneDNN, which ships inside torch as well, runs the same products faster (docs/BENCHMARKS.md
+# has the ratios per CPU). Its rows are also batch-invariant on the CPUs measured (a row's result
+# does not depend on the other rows), MKL's are not. Results differ from MKL's in the last bits
+# (another summation order), as any two BLAS do. None of this is assumed: `paths` checks it.
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def onednn_ok(x, w, bf16=False):
+@functools.cache
+def paths(dtype):
+    """The oneDNN paths that hold on this CPU in dtype, tried once at first use on small random
+    products (their own generator: no random numbers of a run are consumed) -> a set of
+      "product"  mm_nt runs (oneDNN has no bf16 inner product on a CPU without AVX512-BF16/AMX,
+                 or under ONEDNN_MAX_CPU_ISA=AVX2) and equals F.linear's result to rounding;
+      "packed"   a weight in oneDNN's blocked layout gives the same product, bit for bit;
+      "fused"    one product over stacked weights equals the separate products, bit for bit;
+      "rows"     a row's result does not depend on the other rows of the batch (model.generate_seeds).
+    Empty where oneDNN is absent. An unexpected failure counts as a missing path, never an error:
+    the plain F.linear path is always there."""
+    if not ONEDNN:
+        return frozenset()
+    g = torch.Generator().manual_seed(0)
+    x, w, w2 = (torch.randn(n, 96, generator=g).to(dtype) for n in (12, 40, 24))
+    want = F.linear(x.double(), w.double())  # the exact product of the (rounded) inputs
+    tol = (1e-5 if dtype == torch.float32 else 1e-2) * want.abs().max().item()
+    got = set()
+    with torch.no_grad(), torch.autocast("cpu", enabled=False):
+        try:
+            y = mm_nt(x, w)
+            if y.dtype != dtype or (y.double() - want).abs().max().item() > tol:
+                return frozenset()
+            got.add("product")
+            if torch.equal(mm_nt(x, torch.ops.mkldnn._reorder_linear_weight(w, None)), y):
+                got.add("packed")
+                ws = torch.ops.mkldnn._reorder_linear_weight(torch.cat([w, w2]), None)
+                if torch.equal(mm_nt(x, ws), torch.cat([y, mm_nt(x, w2)], -1)):
+                    got.add("fused")
+            x3 = torch.cat([x[5:], x, x[:7]])
+            if all(torch.equal(mm_nt(x3, w)[7:19], y) and torch.equal(mm_nt(x[i:i + 5], w), y[i:i + 5])
+                   for i in (0, 7)):
+                got.add("rows")
+        except RuntimeError:
+            pass
+    return frozenset(got)
+
+
+def onednn_ok(x, w, bf16=False, path="product"):
     # not under CPU autocast: there F.linear computes in bf16, and so must we. bf16=True also
     # takes bf16 inputs (quant.NF4Linear's products under --nf4-compute bfloat16).
     dtypes = (torch.float32, torch.bfloat16) if bf16 else (torch.float32,)
     return (ONEDNN and x.device.type == "cpu" and x.dtype in dtypes and w.dtype == x.dtype
-            and not torch.is_autocast_enabled("cpu"))
+            and not torch.is_autocast_enabled("cpu") and path in paths(x.dtype))
+
+
+def cpu_flags():
+    """The instruction-set extensions this CPU reports that decide our kernels (Linux's
+    /proc/cpuinfo; empty elsewhere)."""
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
+    return set(line.partition(":")[2].split())
+
+
+@functools.cache
+def cpu_description():
+    """This CPU in one line: its model, cores, the widest instruction set torch's kernels use and
+    whether bf16 products are native, e.g. "AMD EPYC, 2 cores, AVX-512 + AVX512-BF16". An
+    ONEDNN_MAX_CPU_ISA or ATEN_CPU_CAPABILITY cap (one CPU playing another) is said, as emulated."""
+    name = platform.processor() or platform.machine()
+    try:
+        text = open("/proc/cpuinfo").read()
+        name = next((ln.partition(":")[2].strip() for ln in text.splitlines()
+                     if ln.startswith(("model name", "Model", "CPU part"))), name)
+    except OSError:
+        pass
+    flags = cpu_flags()
+    if platform.machine() in ("x86_64", "AMD64"):
+        isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "SSE/AVX"
+        native = [n for n, f in (("AVX512-BF16", "avx512_bf16"), ("AMX", "amx_tile")) if f in flags]
+    else:
+        isa = platform.machine()
+        native = ["BF16"] if "bf16" in flags else []
+    caps = [f"{v}={os.environ[v]}" for v in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if os.environ.get(v)]
+    bf16 = "bf16 products native" if "product" in paths(torch.bfloat16) else "no bf16 products"
+    said = f"{name}, {os.cpu_count()} cores, {' + '.join([isa] + native)}"
+    if caps:
+        said += f", emulating a smaller CPU ({', '.join(caps)}: torch's kernels {torch.backends.cpu.get_cpu_capability()}, {bf16})"
+    return said
 
 
 def mm_nt(x, w):
@@ -53,9 +135,15 @@ def fused_linears(owner, name, x, *linears):
                                                                  for m in linears):
         return None
     ws = [m.weight for m in linears]
-    if not onednn_ok(x, ws[0]):
+    if not onednn_ok(x, ws[0], path="fused"):
         return None
     return mm_nt(x, packed_weight(owner, name, ws)).split([w.shape[0] for w in ws], -1)
+
+
+def frozen(owner, w):
+    """Whether w's packed copy may be made and kept: a frozen weight of a module, on a CPU where
+    the packed product is the plain one's."""
+    return owner is not None and not w.requires_grad and "packed" in paths(w.dtype)
 
 
 class OneDNNLinear(torch.autograd.Function):
@@ -67,16 +155,14 @@ class OneDNNLinear(torch.autograd.Function):
     def forward(ctx, x, w, owner):
         ctx.owner = owner
         ctx.save_for_backward(x if w.requires_grad else None, w)
-        frozen = owner is not None and not w.requires_grad
-        return mm_nt(x, packed_weight(owner, "_packed", w) if frozen else w)
+        return mm_nt(x, packed_weight(owner, "_packed", w) if frozen(owner, w) else w)
 
     @staticmethod
     def backward(ctx, gy):
         x, w = ctx.saved_tensors
-        frozen = ctx.owner is not None and not w.requires_grad
         gx = gw = None
         if ctx.needs_input_grad[0]:
-            wt = packed_weight(ctx.owner, "_packed_t", w.t()) if frozen else w.t()
+            wt = packed_weight(ctx.owner, "_packed_t", w.t()) if frozen(ctx.owner, w) else w.t()
             gx = mm_nt(gy.contiguous(), wt)
         if ctx.needs_input_grad[1]:  # (out, rows) @ (rows, in)
             gy2, x2 = gy.reshape(-1, gy.shape[-1]), x.reshape(-1, x.shape[-1])
@@ -92,7 +178,7 @@ def linear(x, w, owner=None):
         return F.linear(x, w)
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
         return OneDNNLinear.apply(x, w, owner)
-    return mm_nt(x, packed_weight(owner, "_packed", w) if owner is not None and not w.requires_grad else w)
+    return mm_nt(x, packed_weight(owner, "_packed", w) if frozen(owner, w) else w)
 
 
 class Linear(nn.Linear):

@@ -770,7 +770,7 @@ def generate_seeds(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, t
     """generate() once per seed, the same prompts: a list with one result per seed, each equal
     to generate(..., seed=that seed).
 
-    On CPU in float32 (oneDNN, whose rows do not depend on the other rows of a batch) the seeds
+    On CPU in float32 (oneDNN, where its probe shows a row's result independent of the other rows) the seeds
     run as one batch of len(seeds) x len(prompts) rows: the prompts are prefilled once, their
     KV cache copied to every seed's rows, and each decode step is one forward for all rows, each
     seed's rows sampled with that seed's own generator, so every seed draws the random numbers
@@ -779,7 +779,7 @@ def generate_seeds(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, t
     """
     device = model.embed_tokens.weight.device
     w = model.embed_tokens.weight
-    if len(seeds) > 1 and (len(prompts) == 1 or not kernels.onednn_ok(w, w)):
+    if len(seeds) > 1 and (len(prompts) == 1 or not kernels.onednn_ok(w, w, path="rows")):
         return [generate_seeds(model, prompts, max_new_tokens, temperature, top_p, top_k, stop_ids, [s], pad_id,
                                static_cache)[0] for s in seeds]
     if static_cache is None:

@@ -18,6 +18,7 @@ import pipeline
 import quant
 import sppo
 from test_pipeline import DEVICES, split_model
+from test_quant import NO_BF16
 from test_sppo import run_args
 from tiny import make_tiny_chat_model
 
@@ -155,14 +156,15 @@ def test_masked_attention_expands_kv_off_cpu_and_keeps_sdpa_gqa_on_cpu(tiny, mon
     assert torch.equal(got, ref)
 
 
-def test_step_zero_log_ratio_is_exactly_zero(tmp_path):
+@pytest.mark.parametrize("nf4_compute", ["float32", pytest.param("bfloat16", marks=NO_BF16)])
+def test_step_zero_log_ratio_is_exactly_zero(tmp_path, nf4_compute):
     """Reference log-probs are scored in training's first-epoch batches (and under the same
     autocast, pipeline.autocast), so every first-epoch micro-batch of a fresh adapter sees log pi_theta - log pi_t
     = 0 exactly, not up to the rounding of differently padded batches (which, even on the CPU,
     moves a row's log-prob by an ulp now and then: rows of very different lengths here)."""
     make_tiny_chat_model(tmp_path / "model", layers=2, hidden=128)
     s = sppo.Settings(model=str(tmp_path / "model"), batch_size=3, max_len=256, max_prompt_len=64, device="cpu", k=2,
-                      lora_r=4, nf4_compute="bfloat16")  # bf16 products, as on CUDA
+                      lora_r=4, nf4_compute=nf4_compute)  # bfloat16: as on CUDA
     tok = data.Tokenizer.from_dir(s.model)
     g = torch.Generator().manual_seed(0)
     ids = lambda n: torch.randint(3, 300, (n,), generator=g).tolist()
@@ -171,7 +173,7 @@ def test_step_zero_log_ratio_is_exactly_zero(tmp_path):
     judgments = [{"id": r["id"], "P": [[0.5, 0.9], [0.1, 0.5]]} for r in responses]
     pairs = sppo.make_pairs(s, tok, tmp_path / "model", responses, judgments, tmp_path / "pairs.jsonl")
     assert len(pairs) == 12 and [p["id"] for p in pairs] == [r["id"] for r in responses]  # the file's own order
-    policy = quant.quantize_model(s.model, torch.float32, "cpu", product_dtype=torch.bfloat16)
+    policy = quant.quantize_model(s.model, torch.float32, "cpu", product_dtype=getattr(torch, nf4_compute))
     lora.add_lora(policy, sppo.lora_config(s))  # B = 0: the policy equals the reference
     score = functools.partial(M.sequence_logps, policy)
     for batch in sppo.batch_order(s, len(pairs))[:4]:

@@ -261,6 +261,50 @@ def test_onednn_linear_equals_f_linear_forward_backward_and_follows_weight_updat
         lin.weight.grad = None
 
 
+def test_a_cpu_whose_probe_finds_no_onednn_path_multiplies_by_f_linear(tmp_path, monkeypatch):
+    """Where the one-time probe finds a oneDNN path missing or wrong (kernels.paths), nothing
+    takes it: with none found, every product is F.linear's bit for bit (no packed copy kept, no
+    fused q/k/v), and generate_seeds runs the seeds one by one with the same samples as one batch."""
+    save_hf(tmp_path, LlamaForCausalLM, VARIANTS["llama_gqa_untied"][1]())
+    m = M.load_model(tmp_path)
+    idx, mask = padded_batch(97, [11, 7, 1, 11])
+    prompts, seeds = [[5, 17, 33, 2, 9], [44, 3]], [0, 50]
+    with torch.no_grad():
+        batched = M.generate_seeds(m, prompts, 6, temperature=1.0, seeds=seeds)
+        m = M.load_model(tmp_path)  # no packed copies from the fast paths
+        monkeypatch.setattr(kernels, "paths", lambda dtype: frozenset())
+        plain = m(idx, mask)
+        assert not any(k.startswith("_packed") for mod in m.modules() for k in mod.__dict__)
+        monkeypatch.setattr(kernels, "ONEDNN", False)  # F.linear everywhere, as before kernels.py existed
+        assert torch.equal(plain, m(idx, mask))
+        monkeypatch.undo()
+        monkeypatch.setattr(kernels, "paths", lambda dtype: frozenset({"product", "packed", "fused"}))  # rows differ
+        assert M.generate_seeds(m, prompts, 6, temperature=1.0, seeds=seeds) == batched
+
+
+def test_the_probe_finds_every_onednn_path_it_reports_true_on_this_cpu():
+    """What kernels.paths reports holds, checked here on other shapes than the probe's own: the
+    product is within float rounding of float64's, a packed weight gives it bit for bit, stacked
+    weights give the separate products, a row does not depend on its neighbours."""
+    g = torch.Generator().manual_seed(1)
+    for dtype in (torch.float32, torch.bfloat16):
+        found = kernels.paths(dtype)
+        x, w, w2 = (torch.randn(n, 200, generator=g).to(dtype) for n in (9, 64, 32))
+        if "product" not in found:
+            continue
+        y = kernels.mm_nt(x, w)
+        want = torch.nn.functional.linear(x.double(), w.double())
+        assert (y.double() - want).abs().max() <= (1e-5 if dtype == torch.float32 else 1e-2) * want.abs().max()
+        packed = lambda t: torch.ops.mkldnn._reorder_linear_weight(t, None)
+        if "packed" in found:
+            assert torch.equal(kernels.mm_nt(x, packed(w)), y)
+        if "fused" in found:
+            assert torch.equal(kernels.mm_nt(x, packed(torch.cat([w, w2]))), torch.cat([y, kernels.mm_nt(x, w2)], -1))
+        if "rows" in found:
+            assert torch.equal(kernels.mm_nt(torch.cat([x, x, x[:4]]), w)[9:18], y)
+    assert "product" in kernels.paths(torch.float32) or not kernels.ONEDNN  # oneDNN's float32 path is everywhere
+
+
 def test_seeds_in_one_batch_equal_one_call_per_seed(tmp_path):
     """generate_seeds runs K seeds as one batch (prefill once, per-seed generators): each seed's
     samples are token for token those of generate(seed=...) alone, stops and early ends included."""

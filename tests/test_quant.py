@@ -212,6 +212,12 @@ def test_nf4_matmul_forward_and_backward_equal_bitsandbytes():
             assert torch.equal(layer(x), y)
 
 
+NO_BF16 = pytest.mark.skipif("product" not in kernels.paths(torch.bfloat16),
+                             reason="this CPU has no oneDNN bf16 products (no AVX512-BF16/AMX, or ONEDNN_MAX_CPU_ISA "
+                             "below it): --nf4-compute bfloat16 is refused here (test_failures.py checks the refusal)")
+
+
+@NO_BF16
 def test_nf4_bf16_products_equal_bitsandbytes_in_bf16_and_return_the_input_dtype():
     """--nf4-compute bfloat16 (the default on CUDA, a choice on CPU): a float32
     input is multiplied in bf16, as bnb.matmul_4bit does with bf16 inputs, and comes back in
