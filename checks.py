@@ -20,6 +20,7 @@ import convert
 import data
 import files
 import judge as judges
+import kernels
 import lora
 import model as M
 import parallel
@@ -108,6 +109,7 @@ def check_flags(s):
     if s.loss not in SPPO_LOSSES and s.eta != default["eta"]:
         raise FlagError(f"--eta is not used by --loss {s.loss} (its strength is --beta)")
     check_devices(s)
+    check_nf4_compute(s)
     check_judge(s)
     if s.report_to == "wandb":
         try:
@@ -135,6 +137,16 @@ def check_devices(s):
         if d.type == "cuda" and (d.index or 0) >= torch.cuda.device_count():
             raise FlagError(f"{flag(name)}: {value} asked for, but only {torch.cuda.device_count()} CUDA device(s) "
                             f"are visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
+
+
+def check_nf4_compute(s):
+    """--nf4-compute bfloat16 on a CPU needs oneDNN's bf16 products (AVX512-BF16 or AMX): without
+    them only a generic path would run, many times slower than float32 for no gain."""
+    devices = s.devices.split(",") if s.devices else [str(pipeline.device_of(s))]
+    if (s.nf4_compute == "bfloat16" and any(torch.device(d).type == "cpu" for d in devices)
+            and "product" not in kernels.paths(torch.bfloat16)):
+        raise FlagError(f"--nf4-compute bfloat16: this CPU has no native bf16 products (oneDNN needs AVX512-BF16 "
+                        f"or AMX; here: {kernels.cpu_description()}); use --nf4-compute float32 (auto's choice on CPU)")
 
 
 def check_judge(s):

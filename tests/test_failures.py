@@ -5,7 +5,12 @@ the tensor (tests/test_model.py::test_loading_errors_name_tensor_and_file, test_
 SIGKILL at every stage (tests/test_sppo.py::test_sigkill_at_every_stage_then_resume_gives_the_same_artifacts)."""
 import copy
 import json
+import os
+import platform
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +20,8 @@ import files
 import runs
 import sppo
 from tiny import make_tiny_chat_model
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -228,3 +235,25 @@ def test_full_disk_is_one_line_naming_the_stage_and_leaves_no_half_written_file(
     monkeypatch.setattr(files, "write_json", enospc)
     err = fails(capsys, args(tiny, tmp_path / "runs2"))
     assert err.startswith("error: the disk is full (") and "No space left on device: 'metrics.jsonl'" in err, err
+
+
+X86 = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
+                         reason="ONEDNN_MAX_CPU_ISA=AVX2 plays an AVX2 CPU only on x86-64")
+
+
+@X86
+def test_nf4_compute_bfloat16_on_a_cpu_without_bf16_products_is_refused_before_anything_is_written(tiny, tmp_path):
+    """An AVX2 CPU, played by capping oneDNN (ONEDNN_MAX_CPU_ISA=AVX2, as on a Zen 3 EPYC): oneDNN
+    has no bf16 inner product there, so --nf4-compute bfloat16 is one line naming the flag, exit 2,
+    no run folder; the same command with float32 (auto's choice on CPU) starts. Run in a fresh
+    process: oneDNN reads the cap once, when it is first used."""
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2")
+    cmd = [sys.executable, str(ROOT / "sppo.py"), *args(tiny, tmp_path / "runs", iters=1), "--plan"]
+    bad = subprocess.run(cmd + ["--nf4-compute", "bfloat16"], env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
+    assert bad.stderr.strip().splitlines() == [bad.stderr.strip()]
+    assert bad.stderr.startswith("error: --nf4-compute bfloat16: this CPU has no native bf16 products"), bad.stderr
+    assert "ONEDNN_MAX_CPU_ISA=AVX2" in bad.stderr  # the emulation is said
+    assert not (tmp_path / "runs").exists()
+    good = subprocess.run(cmd + ["--nf4-compute", "float32"], env=env, capture_output=True, text=True, timeout=300)
+    assert good.returncode == 0, good.stderr
