@@ -31,6 +31,28 @@ def step_log(step, loss, lr, grad_norm, seen, seconds):
     return out
 
 
+# How an iteration's time splits on CPU, relative to the held-out answers' (the evaluation): pi_0's
+# answers are a run's first stage, so they calibrate the others. The ratios are the mean stage
+# times of `make iterate` at the defaults on the CPUs measured in docs/BENCHMARKS.md ("Where an
+# iteration's time goes": they agree within ~10% between an AVX2 and an AVX-512 CPU); each stage
+# is scaled by its work against the defaults' (prompts x K sampled, pairs x epochs trained).
+STAGE_RATIOS = {"generate": 2.5, "pairs": 0.7, "train": 4.9, "evaluate": 1.0}
+AT_DEFAULTS = dict(prompts=96, k=5, epochs=3, eval_prompts=100)
+
+
+def iteration_estimate(prompts, k, epochs, eval_prompts, eval_seconds):
+    """Seconds one iteration will take on this CPU, from the seconds pi_0's held-out answers took."""
+    d = AT_DEFAULTS
+    per_eval = eval_seconds * d["eval_prompts"] / max(1, eval_prompts)
+    work = {"generate": prompts * k / (d["prompts"] * d["k"]), "pairs": prompts / d["prompts"],
+            "train": prompts * epochs / (d["prompts"] * d["epochs"]), "evaluate": eval_prompts / d["eval_prompts"]}
+    return sum(STAGE_RATIOS[st] * work[st] * per_eval for st in STAGE_RATIOS)
+
+
+def minutes(seconds):
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
 def answers_summary(rows, what):
     n = sum(len(r["response_ids"]) for r in rows)
     tokens = sum(len(x) for r in rows for x in r["response_ids"])

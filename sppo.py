@@ -32,6 +32,7 @@ import checks
 import data
 import files
 import judge as judges
+import kernels
 import lora
 import model as M
 import parallel
@@ -480,18 +481,25 @@ def run(s):
     t0 = time.time()
     base_dir, tok, parts, heldout, run_dir = checks.start(s, Settings.HARMLESS)
     seeds = [50 * k for k in range(s.k)]  # 0, 50, ..., 200: the authors' code's vLLM seeds (see sample)
+    fresh, t_base = not (run_dir / "eval_base.jsonl").exists(), time.time()
     with runs.stage("base", "generate") as st:
         base_answers = sample(s, base_dir, tok, heldout, run_dir / "eval_base.jsonl", [0], greedy=True, desc="eval pi_0",
                               batch=s.eval_batch)
         if parallel.is_main():
             report.export_alpaca_eval(run_dir / "alpaca_eval" / "model_outputs.json", heldout, base_answers, f"{s.name}_pi0")
         st["summary"] = report.answers_summary(base_answers, "held-out answers")
+    cpu = pipeline.device_of(s).type == "cpu" and s.backend == "builtin" and not s.devices
+    if fresh and cpu and s.iters:  # how long this will take here, before the long part starts
+        each = report.iteration_estimate(len(parts[0]), s.k, s.epochs, len(heldout), time.time() - t_base)
+        print(f"estimate: ~{report.minutes(each)} per iteration, ~{report.minutes(s.iters * each)} for {s.iters} at this "
+              f"machine's speed (from pi_0's answers; {kernels.cpu_description()})", flush=True)
     policy, table, steps = base_dir, [], 0
     track = report.Tracker(s.report_to, run_dir, s.name, dataclasses.asdict(s)) if parallel.is_main() else None
     for t in range(s.iters):
         it = run_dir / f"iter{t}"
         it.mkdir(exist_ok=True)
         print(f"== iteration {t}: policy {policy}")
+        t_it = time.time()
         where = f"iter {t}"
         with runs.stage(where, "generate") as st:
             responses = sample(s, policy, tok, parts[t], it / "responses.jsonl", seeds)
@@ -525,6 +533,9 @@ def run(s):
                 report.plot_metrics(run_dir, table)
                 track(report.iteration_scalars(res), t + 1)
         policy = new
+        if t + 1 < s.iters:
+            took = time.time() - t_it
+            print(f"iteration {t}: {report.minutes(took)}; ~{report.minutes(took * (s.iters - t - 1))} to go", flush=True)
     if track:
         track.close()
     if parallel.is_main() and table:

@@ -108,3 +108,20 @@ def test_iteration_scalars_are_each_measure_and_its_ci():
            "per_kind": {"max_words": {"n": 3}}}
     assert report.iteration_scalars(res) == {"heldout/win_rate": 0.6, "heldout/win_rate_ci": 0.05, "heldout/n_eval": 100,
                                              "heldout/train_loss": 3.5, "heldout/sat_gain": 0.1, "heldout/sat_gain_ci": 0.08}
+
+
+def test_iteration_estimate_scales_each_stage_by_its_work_against_the_defaults():
+    """report.iteration_estimate, checked by hand: at the defaults an iteration is the sum of the
+    stage ratios times the held-out answers' seconds; twice the prompts doubles every stage but
+    the evaluation; twice the epochs doubles training alone; half the held-out prompts in the
+    same seconds means each took twice as long."""
+    r, e = report.STAGE_RATIOS, 10.0
+    d = report.AT_DEFAULTS
+    base = report.iteration_estimate(d["prompts"], d["k"], d["epochs"], d["eval_prompts"], e)
+    assert base == pytest.approx(e * sum(r.values()))
+    more = report.iteration_estimate(2 * d["prompts"], d["k"], d["epochs"], d["eval_prompts"], e)
+    assert more == pytest.approx(e * (2 * (r["generate"] + r["pairs"] + r["train"]) + r["evaluate"]))
+    longer = report.iteration_estimate(d["prompts"], d["k"], 2 * d["epochs"], d["eval_prompts"], e)
+    assert longer == pytest.approx(base + e * r["train"])
+    slower = report.iteration_estimate(d["prompts"], d["k"], d["epochs"], d["eval_prompts"] // 2, e)
+    assert slower == pytest.approx(2 * base - e * r["evaluate"])

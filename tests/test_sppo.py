@@ -309,6 +309,11 @@ def test_end_to_end_two_iterations_leave_every_artifact(tiny_setup, reference_ru
         assert re.search(rf"^iter 1 {stage}: .*\d+ s$", clean.stdout, re.M), stage
     assert re.search(r"^iter 0 generate: 18 responses, [\d.k]+ tokens, \d+ s$", clean.stdout, re.M)
     assert re.search(r"^base generate: 4 held-out answers", clean.stdout, re.M)
+    # before the long part, how long it will take here, naming the machine; after an iteration, what is left
+    est = re.search(r"^estimate: ~(\d+) s per iteration, ~(\d+) s for 2 at this machine's speed \(from pi_0's "
+                    r"answers; (.+), (\d+) cores, (.+)\)$", clean.stdout, re.M)
+    assert est and abs(2 * int(est[1]) - int(est[2])) <= 1 and int(est[4]) == os.cpu_count(), clean.stdout
+    assert re.search(r"^iteration 0: \d+ s; ~\d+ s to go$", clean.stdout, re.M)
     # AlpacaEval's model_outputs.json: a list of {instruction, output, generator}, one per held-out prompt
     heldout = [json.loads(x)["prompt"] for x in (tiny_setup / "heldout.jsonl").read_text().splitlines()]
     for folder, answers, name in [(run_a, "eval_base.jsonl", "r_pi0"), (run_a / "iter1", "iter1/eval_answers.jsonl", "r_sppo_iter2")]:
