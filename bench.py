@@ -23,7 +23,6 @@ import functools
 import json
 import logging
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,7 @@ import torch  # noqa: E402
 
 import convert  # noqa: E402
 import data  # noqa: E402
+import kernels  # noqa: E402
 import lora  # noqa: E402
 import model as M  # noqa: E402
 import pipeline  # noqa: E402
@@ -513,14 +513,9 @@ def num(x):
 
 
 def machine(b, dev):
-    cpu = platform.processor() or "?"
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     import bitsandbytes, peft, transformers
     gpu = f", GPU {torch.cuda.get_device_name(dev)}" if dev.type == "cuda" else ""
-    return (f"machine: {cpu}, {os.cpu_count()} cores, {b.threads} torch threads{gpu}; torch {torch.__version__}, "
+    return (f"machine: {kernels.cpu_description()}, {b.threads} torch threads{gpu}; torch {torch.__version__}, "
             f"transformers {transformers.__version__}, peft {peft.__version__}, bitsandbytes {bitsandbytes.__version__}")
 
 

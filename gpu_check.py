@@ -652,8 +652,9 @@ def main(argv=None):
     t0 = time.time()
     results = [run_step(name, c) for name in steps]
     it = Iteration(prompts=a.iter_prompts)
+    import kernels
     header = (f"## gpu-check: {', '.join(c.cards)} (split {c.split}{', tiny shapes' if c.tiny else ''}), "
-              f"{time.time() - t0:.0f} s")
+              f"{time.time() - t0:.0f} s\n\nhost CPU: {kernels.cpu_description()}")
     print("\n" + report(results, it, header, c.tiny))
     budget = 10 if len(c.cards) == 1 else 15  # minutes: the promise to a user about to start a run
     if c.cuda and time.time() - t0 > budget * 60:

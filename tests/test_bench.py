@@ -1,5 +1,6 @@
 """bench.py on a tiny random model: both stacks run, compute the same thing, and the table is whole."""
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -39,6 +40,9 @@ def test_table_has_every_row_and_judges_targets(tiny):
                  "sampling batch 1, tokens/s", "sampling batch 3, tokens/s"):
         assert want in names
     assert inf["logp_max_abs_diff"] <= 1e-3
+    said = bench.machine(bench.Bench(threads=2), dev)  # the header names the CPU and its instruction set
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    assert f"{os.cpu_count()} cores, " in said and (" avx512f " not in flags or "AVX-512" in said)
     assert all(a > 0 and t > 0 for a, t in rows.values())
     text = bench.table(rows)
     assert text.count("\n") == len(rows) + 1
@@ -89,3 +93,6 @@ def test_split_rows_load_one_stack_per_process_and_give_the_same_rows(tiny, monk
         assert want in rows
     assert all(a > 0 and t > 0 for a, t in rows.values())
     assert inf["logp_max_abs_diff"] <= 1e-3
+    said = bench.machine(bench.Bench(threads=2), dev)  # the header names the CPU and its instruction set
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    assert f"{os.cpu_count()} cores, " in said and (" avx512f " not in flags or "AVX-512" in said)

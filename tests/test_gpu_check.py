@@ -3,6 +3,7 @@ results become the summary, the memory rule, the hours estimate, and its steps o
 tiny shapes (the same code paths the GPU run takes, minus the per-card memory numbers)."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -132,5 +133,7 @@ def test_each_step_runs_in_its_own_process_and_the_results_reach_the_table_and_t
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = table_rows(r.stdout.split("## gpu-check")[1])
     assert [row[:2] for row in rows] == [["env", "pass"], ["e2e-vllm", "skipped"]]
+    cpu = re.search(r"^host CPU: (.+), (\d+) cores, (AVX-512|AVX2|SSE/AVX|\w+)", r.stdout, re.M)  # the machine is named
+    assert cpu and int(cpu[2]) == os.cpu_count(), r.stdout[:2000]
     saved = [json.loads(line) for line in out.read_text().splitlines()]
     assert [x["step"] for x in saved] == ["env", "e2e-vllm"] and saved[0]["cards"][0]["nf4_ok"] is True
