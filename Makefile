@@ -28,7 +28,7 @@ test-avx2: $(VENV_STAMP)
 # runs/compare/seed<SEED>/summary.md and compare.png. Resumable like iterate.
 SEED ?= 0
 compare: $(VENV_STAMP)
-	$(PY) compare.py --seed $(SEED) $(COMPARE_FLAGS)
+	$(PY) scripts/compare.py --seed $(SEED) $(COMPARE_FLAGS)
 
 clean-runs:
 	rm -rf runs
@@ -36,7 +36,7 @@ clean-runs:
 # Ours against transformers + peft + bitsandbytes, same model and data: prints a markdown table
 # (see BENCHMARKS.md). `make bench BENCH_FLAGS=--quick` for a short run.
 bench: $(VENV_STAMP)
-	$(PY) bench.py $(BENCH_FLAGS)
+	$(PY) scripts/bench.py $(BENCH_FLAGS)
 
 .PHONY: venv iterate test test-avx2 compare clean-runs bench
 
@@ -47,7 +47,7 @@ bench: $(VENV_STAMP)
 PYTHON ?= $(shell test -x .venv/bin/python && echo .venv/bin/python || echo python3)
 
 gpu-check:
-	$(PYTHON) gpu_check.py $(GPU_CHECK_FLAGS)
+	$(PYTHON) scripts/gpu_check.py $(GPU_CHECK_FLAGS)
 
 .PHONY: gpu-check
 

@@ -18,10 +18,11 @@ from datetime import datetime
 import jinja2
 import tokenizers
 import torch
+import torch.nn.functional as F
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from files import DataError, decode, json_lines
+from machinery.files import DataError, decode, json_lines
 
 
 # -----------------------------------------------------------------------------
@@ -525,7 +526,7 @@ def truncate_prompt(r, tok, max_prompt_len):
 def pair_tensors(pairs, s, pad_id, device):
     """One row per pair, x y_w y_l, so that the prompt is computed once, not once per response:
     right-padded ids and segment ids (0 prompt and padding, 1 chosen, 2 rejected), which
-    model.sequence_logps scores as if each response followed the prompt in a row of its own.
+    data.sequence_logps scores as if each response followed the prompt in a row of its own.
     s: the run's settings (sppo.Settings: max_prompt_len, max_len)."""
     rows, segs = [], []
     for p in pairs:
@@ -551,3 +552,76 @@ def fit(prompt, resp, s):
 def padded(rows, value, device):
     T = max(map(len, rows))
     return torch.tensor([r + [value] * (T - len(r)) for r in rows], device=device)
+
+
+# -----------------------------------------------------------------------------
+# Scoring: the log-probability of given responses (sampling's twin, generate.py)
+
+def length_groups(lengths, waste=0.15):
+    """Row indices grouped, longest first, so that padding each group to its longest row adds at
+    most `waste` of its real tokens: a padded position costs the model as much as a real one.
+    Used by prefill and by sequence_logps (pair batches vary threefold in length)."""
+    groups = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        g = groups[-1] if groups else []
+        if g and (len(g) + 1) * lengths[g[0]] <= (1 + waste) * (sum(lengths[j] for j in g) + lengths[i]):
+            g.append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def sequence_logps(model, ids, resp):
+    """sum_t log pi(y_t | x, y_<t) over the response tokens of right-padded rows ids (B, T).
+
+    resp (B, T) says which tokens are scored. Bool: True on the one response of each row
+    (prompt x then response y) -> (B,). Or integer segment ids for a pair row, x y_w y_l with
+    its prompt computed once (data.pair_tensors): 0 on prompt and padding, 1 on y_w, 2 on y_l
+    -> (B, 2). y_l attends to x and itself, not to y_w, and its positions restart where y_w's
+    began, so each response is scored exactly as in a row of its own (pair_row_layout).
+    Rows of one response need no attention mask: causal, no real token sees the right padding.
+
+    Rows run in groups of similar length, each cut to its longest row, so little time goes to
+    padding (length_groups). The LM head runs only where a response token is predicted: with a
+    49k-128k vocabulary the logits of prompt and padding positions would cost as much as the
+    rest of the model. model: a Transformer, or anything with the same forward(ids, head=False,
+    attn_mask, pos) and logits(h), e.g. pipeline.GPipe, the micro-batched schedule over split devices."""
+    n = 1 if resp.dtype == torch.bool else 2
+    seg = resp.long()
+    ends = row_ends(seg).clamp(min=1).tolist()
+    parts, order = [], []
+    for g in length_groups(ends):
+        T = ends[g[0]]
+        g_ids, g_seg = (ids, seg) if len(g) == len(ends) else (ids[g], seg[g])
+        g_ids, g_seg = g_ids[:, :T], g_seg[:, :T]
+        prev, kw = pair_row_layout(g_seg) if n == 2 else (torch.arange(-1, T - 1, device=ids.device).expand(len(g), T), {})
+        h = model(g_ids, head=False, **kw)
+        scored = g_seg > 0
+        scored[:, 0] = False  # nothing predicts a row's first token
+        b, t = scored.nonzero(as_tuple=True)  # row by row
+        b, t, g_ids, g_seg, prev = b.to(h.device), t.to(h.device), g_ids.to(h.device), g_seg.to(h.device), prev.to(h.device)
+        logits = model.logits(h[b, prev[b, t]]).float()  # the position that predicts each scored token
+        logp = -F.cross_entropy(logits, g_ids[b, t], reduction="none")
+        parts.append(torch.zeros(len(g) * n, device=h.device, dtype=logp.dtype).index_add(0, b * n + g_seg[b, t] - 1, logp).view(len(g), n))
+        order += g
+    out = parts[0] if len(parts) == 1 else torch.cat(parts)[torch.tensor(order, device=parts[0].device).argsort()]
+    return out[:, 0] if n == 1 else out
+
+
+def row_ends(seg):
+    """(B,) how far each row of right-padded rows runs: one past its last scored token (0 for none)."""
+    return ((seg > 0).long() * torch.arange(1, seg.shape[1] + 1, device=seg.device)).amax(1)
+
+
+def pair_row_layout(seg):
+    """For pair rows x y_w y_l (segment ids 0, 1, 2): which position predicts each token (the one
+    before it; y_l's first token: x's last), and the model's positions and (B, 1, T, T) mask:
+    causal, except that y_l never sees y_w, and y_l's positions follow x's as in a row of its own."""
+    T = seg.shape[1]
+    i = torch.arange(T, device=seg.device)
+    n_w = (seg == 1).sum(1, keepdim=True)
+    x_len = (seg == 1).long().argmax(1, keepdim=True)  # y_w's first token
+    pos = i - (seg == 2) * n_w
+    prev = torch.where(i == x_len + n_w, x_len - 1, i - 1)
+    mask = (i[:, None] >= i[None, :]) & ((seg[:, :, None] != 2) | (seg[:, None, :] != 1))
+    return prev, {"attn_mask": mask[:, None], "pos": pos}

@@ -518,9 +518,10 @@ def make_judge(name: str, **opts):
 
             import data
             import model as model_lib
+            from machinery import kernels
             path = opts.pop("model_dir")
             dtype, device = opts.pop("dtype", torch.float32), opts.pop("device", "cpu")
-            opts["model"] = model_lib.load_model(path, dtype=dtype, device=device)
+            opts["model"] = kernels.use_onednn(model_lib.load_model(path, dtype=dtype, device=device))
             opts["tokenizer"] = data.Tokenizer.from_dir(path)
         return LLMJudge(**opts)
     raise ValueError(f"unknown judge {name!r}; choose 'verifiable', 'pairrm' or 'llm'")

@@ -18,10 +18,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-import files
-import kernels
 import model as M
 import quant
+from machinery import files, kernels, loader
 
 
 @dataclass
@@ -127,12 +126,12 @@ def merge_lora(src_dir, lora_model, out_dir, dtype=None, on_shard=None):
     deltas = {name + ".weight": m for name, m in lora_modules(lora_model).items()}
     weight_map, total, used, written = {}, 0, set(), {}
     with files.atomic(out_dir, folder=True) as tmp:
-        for file in M.checkpoint_files(src_dir):
+        for file in loader.checkpoint_files(src_dir):
             tensors = {}
             with safe_open(str(file), framework="pt") as f:
                 for name in f.keys():
                     t = f.get_tensor(name)
-                    key, out_dtype = M.hf_name(name), dtype or t.dtype
+                    key, out_dtype = loader.hf_name(name), dtype or t.dtype
                     if key in deltas:
                         t = t.float() + deltas[key].delta().to(t.device)
                         used.add(key)
@@ -163,7 +162,7 @@ def merged_bytes(src_dir, dtype=None):
     """Bytes merge_lora writes for src_dir's checkpoint, from the shards' headers alone."""
     from safetensors import safe_open
     n = 0
-    for file in M.checkpoint_files(src_dir):
+    for file in loader.checkpoint_files(src_dir):
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
                 t = f.get_slice(name)

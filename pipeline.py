@@ -20,15 +20,17 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
+import data
 import lora
 import model as M
 import quant
+from machinery import kernels, loader
 
 GiB = 2 ** 30
-# Measured on the first card this ran on (H200, CUDA 13, `make gpu-check`): the CUDA context and
-# the libraries' handles took 0.75 GiB outside PyTorch's allocator; the caching allocator held
-# 2.37 GiB above training's allocated peak of 13.85 GiB (freed blocks kept for reuse), about 30%
-# of the bytes that come and go (activations, logits, recomputed blocks, the KV cache).
+# What a card holds beyond the tensors a step needs: the CUDA context and the libraries' handles,
+# outside PyTorch's allocator, and the caching allocator's freed blocks kept for reuse, a share
+# of the bytes that come and go (activations, logits, recomputed blocks, the KV cache). Both
+# from `make gpu-check` on the first card it ran on (docs/BENCHMARKS.md has the run).
 CONTEXT = 0.75 * GiB  # each CUDA device, before any tensor
 CACHE_SLACK = 0.3     # on the bytes that come and go
 
@@ -60,17 +62,9 @@ def run_plan(s, path):
     return plan(M.Config.from_hf(path), devices, workload(s, torch.finfo(compute_dtype(device_of(s))).bits // 8), caps)
 
 
-def load(s, path, quantized=False, keep=False):
-    """pi_t on the device(s): bf16/fp32 for sampling, NF4 for scoring and training.
-
-    keep=True also keeps the quantized model for the next quantized load of the same path,
-    which takes it (quantizing SmolLM2 takes seconds): the reference scoring's frozen NF4 pi_t
-    is the very model training then adapts. Quantizing consumes no random numbers, so a kept
-    and a fresh model give the same run."""
-    key = (str(path), s.quant_type, s.device, s.devices)
-    if quantized and load.kept and load.kept[0] == key:
-        m, load.kept = load.kept[1], None
-        return m
+def load(s, path, quantized=False):
+    """pi_t on the device(s): bf16/fp32 for sampling, NF4 for scoring and training, its CPU
+    products through oneDNN where they hold (kernels.use_onednn)."""
     dev, where, bounds = device_of(s), device_of(s), None
     if s.devices:
         bounds, _ = run_plan(s, path)
@@ -80,14 +74,11 @@ def load(s, path, quantized=False, keep=False):
                                  product_dtype=quant.product_dtype(dev, s.nf4_compute))
     else:
         m = M.load_model(path, compute_dtype(dev), where)
+    kernels.use_onednn(m)
     m.stage_bounds = bounds
-    load.kept = (key, m) if quantized and keep else None
     if torch.cuda.is_available():  # the loader's transient full-precision tensors: back to the card
         torch.cuda.empty_cache()
     return m
-
-
-load.kept = None
 
 
 def device_map(bounds, devices):
@@ -104,7 +95,7 @@ def device_map(bounds, devices):
 
 class GPipe(torch.nn.Module):
     """A model split over devices, run in micro-batches in GPipe's order: wraps the built model
-    from outside and offers what model.sequence_logps needs, forward(ids, head=False) and
+    from outside and offers what data.sequence_logps needs, forward(ids, head=False) and
     logits(h). Used for training and scoring (right-padded rows, pair rows' masks; no KV cache).
 
     The batch is cut into `chunks` micro-batches; at tick k stage s runs micro-batch k - s,
@@ -349,7 +340,8 @@ def random_model(cfg: M.Config, devices, bounds, compute_dtype, lora_r=16, seed=
     else:
         with torch.device("meta"):
             m = M.create(cfg)
-        M.load_state(m, None, compute_dtype, where, tensors=tensors)
+        loader.load_state(m, None, compute_dtype, where, tensors=tensors)
+    kernels.use_onednn(m)
     m.stage_bounds = bounds
     if lora_r:
         torch.manual_seed(seed)  # the LoRA A matrices
@@ -373,7 +365,7 @@ def check(cfg: M.Config, devices, w: Workload, micro_batches=2, steps=3):
     ids, seg = pair_rows(cfg, w, devices[0])
     if cuda:
         # what building left in the allocator's cache is not training's: give it back, then count
-        # (the first H200 run counted it: 17.0 GiB reserved against 14.35 GiB allocated)
+        # (uncounted, it made the first measured peak several GiB above training's own)
         torch.cuda.empty_cache()
         for d in devices:
             torch.cuda.reset_peak_memory_stats(d)
@@ -381,7 +373,7 @@ def check(cfg: M.Config, devices, w: Workload, micro_batches=2, steps=3):
     for _ in range(steps):
         t = time.perf_counter()
         with autocast(dev):
-            logps = M.sequence_logps(micro_batched(m, micro_batches), ids, seg)  # as sppo.train_step
+            logps = data.sequence_logps(micro_batched(m, micro_batches), ids, seg)  # as sppo.train_step
         (logps.float() / w.resp_len).pow(2).mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

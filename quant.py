@@ -16,8 +16,8 @@ import bitsandbytes.functional as bnbf  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-import kernels  # noqa: E402
 import model as M  # noqa: E402
+from machinery import kernels, loader  # noqa: E402
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -75,7 +75,7 @@ class NF4Matmul(torch.autograd.Function):
     kernel, block scales decoded once per layer) and multiplied through oneDNN (kernels.mm_nt), in
     forward and again in backward. Nothing of the weight is kept between the two: a float copy
     of every linear would cost more memory (4 bytes per weight) than dequantizing twice costs
-    time (the second dequantization: under 2% of a training step on this CPU, BENCHMARKS.md)."""
+    time (the second dequantization is a small part of a training step: docs/BENCHMARKS.md)."""
 
     @staticmethod
     def forward(ctx, x, layer):
@@ -92,7 +92,7 @@ class NF4Matmul(torch.autograd.Function):
 def product_dtype(device, choice="auto"):
     """The dtype NF4 products compute in (--nf4-compute). auto: bf16, QLoRA's, on CUDA; float32 on
     CPU, where the tests compare with float32 references. bfloat16 on a CPU that multiplies bf16
-    natively (AVX512-BF16, AMX) runs a training-shaped product 2.1x faster (this project's EPYC)."""
+    natively (AVX512-BF16, AMX) runs a training-shaped product faster (docs/BENCHMARKS.md)."""
     if choice != "auto":
         return getattr(torch, choice)
     return torch.bfloat16 if torch.device(device).type != "cpu" else torch.float32
@@ -103,7 +103,7 @@ def quantize_model(path, compute_dtype=torch.float32, device="cpu", quant_type="
     """Our Transformer with its target linears in 4 bits, quantized as the checkpoint streams in:
     each weight is quantized the moment it arrives, so full precision never sits in memory.
     compute_dtype: the rest of the model's; product_dtype: the 4-bit products' (default the same).
-    cfg and tensors: build from these instead of path's files (see M.load_state)."""
+    cfg and tensors: build from these instead of path's files (see loader.load_state)."""
     cfg = cfg or M.Config.from_hf(path)
     with torch.device("meta"):
         model = M.create(cfg)
@@ -117,8 +117,8 @@ def quantize_model(path, compute_dtype=torch.float32, device="cpu", quant_type="
         setattr(model.get_submodule(parent), child, NF4Linear(w, product_dtype or compute_dtype, quant_type, double_quant))
         return True
 
-    M.load_state(model, path, compute_dtype, device, convert, tensors)
-    return model.eval()
+    loader.load_state(model, path, compute_dtype, device, convert, tensors)
+    return kernels.use_onednn(model).eval()  # the rest of its products (lm_head, ...) on CPU
 
 
 # ----------------------------------------------------------------------------- sizes

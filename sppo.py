@@ -28,18 +28,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import checks
 import data
-import files
+import generate
 import judge as judges
-import kernels
 import lora
 import model as M
-import parallel
 import pipeline
-import report
-import runs
-import stats
+from machinery import checks, files, kernels, loader, parallel, report, runs, stats
 
 HERE = Path(__file__).resolve().parent
 
@@ -104,7 +99,7 @@ class Settings:
     lora_targets: str = opt("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "comma-separated linear layers to adapt")
     quant_type: str = opt("nf4", "4-bit type of the frozen base during training", choices=["nf4", "fp4"])
     nf4_compute: str = opt("auto", "dtype of the 4-bit products in scoring and training; auto = bfloat16 (QLoRA's) on CUDA, float32 "
-                           "on CPU (bfloat16 is faster on CPUs with AVX512-BF16 or AMX, see BENCHMARKS.md)", choices=["auto", "bfloat16", "float32"])
+                           "on CPU (bfloat16 is faster on CPUs with AVX512-BF16 or AMX, see docs/BENCHMARKS.md)", choices=["auto", "bfloat16", "float32"])
     grad_ckpt: bool = opt(False, "gradient checkpointing per block (saves activation memory)")
     ckpt_every: int = opt(10, "optimizer steps between training checkpoints (resume points)")
     # hardware
@@ -184,7 +179,7 @@ def sppo_targets(kind, p_win, p_lose, p_wl, eta):
 
 def train_step(score, batch, s, pad_id, dev, amp=None):
     """One micro-batch: policy log-probs of chosen and rejected in one forward, then the loss.
-    score(ids, seg) -> log-probs: model.sequence_logps on the policy (or on pipeline.GPipe over
+    score(ids, seg) -> log-probs: data.sequence_logps on the policy (or on pipeline.GPipe over
     it), or under torchrun its DDP wrapper. -> (mean loss, what the log shows: each pair's
     log-ratios of chosen and rejected, their SPPO targets (None for dpo/ipo), the tokens run)."""
     ids, seg = data.pair_tensors(batch, s, pad_id, dev)
@@ -197,7 +192,7 @@ def train_step(score, batch, s, pad_id, dev, amp=None):
     targets = sppo_targets(s.loss, *probs, s.eta) if s.loss in ("sppo", "sppo_single") else (None, None)
     seen = {"logr_w": logps[:, 0] - ref_w, "logr_l": logps[:, 1] - ref_l, "target_w": targets[0], "target_l": targets[1]}
     seen = {k: v.detach().tolist() for k, v in seen.items() if v is not None}
-    seen["tokens"] = int(M.row_ends(seg).sum())  # what the forward ran: each row up to its last scored token
+    seen["tokens"] = int(data.row_ends(seg).sum())  # what the forward ran: each row up to its last scored token
     return losses.mean(), seen
 
 
@@ -224,13 +219,13 @@ def sample(s, policy_dir, tok, rows, out_path, seeds, greedy=False, desc="genera
         if s.backend != "vllm":
             return pipeline.load(s, policy_dir)
         if parallel.is_main():  # one vLLM run for the whole stage
-            import vllm_backend
+            from machinery import vllm_backend
             return vllm_backend.sampler(s, policy_dir, todo, [tok.encode_chat(data.messages_of(r)) for r in todo], temperature,
                                         tok.stop_ids, seeds)
 
     def work(c, chunk, ctx):
         ids = [tok.encode_chat(data.messages_of(r)) for r in chunk]
-        outs = ctx(chunk) if s.backend == "vllm" else M.generate_seeds(
+        outs = ctx(chunk) if s.backend == "vllm" else generate.generate_seeds(
             ctx, ids, s.max_new_tokens, temperature, s.top_p, s.top_k, tok.stop_ids, seeds=[seed * 1000 + c for seed in seeds],
             pad_id=tok.pad_id)
         lines = []
@@ -306,11 +301,14 @@ def build_pairs(rows):
     return pairs, stats
 
 
-def make_pairs(s, tok, policy_dir, responses, judgments, out_path):
+def make_pairs(s, tok, policy_dir, responses, judgments, out_path, keep=None):
     """Pairs as the authors' code builds them, each stored with log pi_t of chosen and rejected.
 
     The reference model is the frozen NF4 pi_t that training starts from (adapter off), so
-    the log-ratio is exactly 0 at step 0. It is computed once, here, before any training."""
+    the log-ratio is exactly 0 at step 0. It is computed once, here, before any training.
+    keep: a list, to which the NF4 pi_t loaded here is appended, for training to adapt that very
+    model instead of quantizing pi_t again (quantizing consumes no random numbers: a handed-on
+    and a fresh model give the same run)."""
     if out_path.exists():
         return files.read_jsonl(out_path)
     by_id = {g["id"]: g for g in responses}
@@ -328,16 +326,22 @@ def make_pairs(s, tok, policy_dir, responses, judgments, out_path):
     def work(c, batch, base):
         ids, seg = data.pair_tensors(batch, s, tok.pad_id, dev)
         with torch.no_grad(), pipeline.autocast(dev):
-            lp = M.sequence_logps(base, ids, seg).tolist()
+            lp = data.sequence_logps(base, ids, seg).tolist()
         return [dict(p, ref_chosen_logp=w, ref_rejected_logp=l) for p, (w, l) in zip(batch, lp)]
 
     # scored in training's first-epoch batches, as training will score them (see pipeline.autocast)
     batches = [[pairs[i] for i in b] for b in batch_order(s, len(pairs))[:math.ceil(len(pairs) / s.batch_size)]]
     pairs = runs.in_chunks(pairs, batches, out_path, work, "pairs", "reference log-probs", "pair",
-                           setup=lambda todo: pipeline.micro_batched(pipeline.load(s, policy_dir, quantized=True, keep=True),
-                                                                      s.micro_batches))
+                           setup=lambda todo: pipeline.micro_batched(load_reference(s, policy_dir, keep), s.micro_batches))
     print(f"  pairs: {len(pairs)} from {len(rows)} prompts; no pair: {stats}")
     return pairs
+
+
+def load_reference(s, policy_dir, keep=None):
+    model = pipeline.load(s, policy_dir, quantized=True)
+    if keep is not None:
+        keep.append(model)
+    return model
 
 
 # ----------------------------------------------------------------------------- 4. train
@@ -347,8 +351,9 @@ def lora_config(s):
                            targets=tuple(s.lora_targets.split(",")))
 
 
-def train(s, tok, policy_dir, pairs, work_dir, adapter_dir, track=None, step_offset=0):
-    """LoRA on an NF4 copy of pi_t. Resumes from work_dir/ckpt.pt (written atomically).
+def train(s, tok, policy_dir, pairs, work_dir, adapter_dir, track=None, step_offset=0, model=None):
+    """LoRA on an NF4 copy of pi_t (model: the reference's, handed on by make_pairs; else loaded
+    here). Resumes from work_dir/ckpt.pt (written atomically).
     -> the log, one entry per optimizer step (step_log); each is also given to track(scalars,
     step_offset + step) (--report-to)."""
     if (adapter_dir / "adapter_config.json").exists():
@@ -357,7 +362,7 @@ def train(s, tok, policy_dir, pairs, work_dir, adapter_dir, track=None, step_off
         raise runs.RunError(f"{work_dir.parent}/pairs.jsonl has no pairs: nothing to train on")
     dev = pipeline.device_of(s)
     torch.manual_seed(s.seed)
-    model = pipeline.load(s, policy_dir, quantized=True)  # make_pairs' model when it just ran (keep=True)
+    model = model if model is not None else pipeline.load(s, policy_dir, quantized=True)
     lora.add_lora(model, lora_config(s))
     model.grad_ckpt = s.grad_ckpt
     params = list(lora.lora_params(model).values())
@@ -372,7 +377,7 @@ def train(s, tok, policy_dir, pairs, work_dir, adapter_dir, track=None, step_off
         step, log = runs.load_train_state(ckpt, params, opt, sched)
     W, net = parallel.world(), pipeline.micro_batched(model, s.micro_batches)
     # with torchrun: LoRA gradients all-reduced by DDP (parallel.ddp)
-    score = parallel.ddp(net) if W > 1 else functools.partial(M.sequence_logps, net)
+    score = parallel.ddp(net) if W > 1 else functools.partial(data.sequence_logps, net)
     order = batch_order(s, len(pairs))
     model.train()
     bar = tqdm(total=total, initial=step, desc="train", unit="step")
@@ -419,7 +424,7 @@ def train(s, tok, policy_dir, pairs, work_dir, adapter_dir, track=None, step_off
 def merge(s, policy_dir, adapter_dir, out_dir):
     """pi_{t+1}: the adapter folded into pi_t's full-precision weights read from disk."""
     if not (out_dir / "config.json").exists() and parallel.is_main():
-        bar = tqdm(total=len(M.checkpoint_files(policy_dir)), desc="merge", unit="shard")
+        bar = tqdm(total=len(loader.checkpoint_files(policy_dir)), desc="merge", unit="shard")
         dtype = None if s.merged_dtype == "auto" else getattr(torch, s.merged_dtype)
         lora.merge_adapter(policy_dir, adapter_dir, out_dir, lora_config(s), dtype,
                            on_shard=lambda file: (bar.update(1), runs.resume_point("merge")))
@@ -470,7 +475,7 @@ def kl_estimate(s, tok, old_dir, new_dir, rows, out_path):
     @torch.no_grad()
     def logps(model_dir):
         m = pipeline.load(s, model_dir)
-        return [x for ids, mask in batches for x in M.sequence_logps(m, ids, mask).tolist()]
+        return [x for ids, mask in batches for x in data.sequence_logps(m, ids, mask).tolist()]
 
     return stats.mean_ci(np.subtract(logps(new_dir), logps(old_dir)))
 
@@ -507,12 +512,13 @@ def run(s):
         with runs.stage(where, "judge") as st:
             judgments = judge_responses(s, tok, parts[t], responses, it / "judgments.jsonl")
             st["summary"] = f"{len(judgments)} prompts, {len(judgments) * s.k * (s.k - 1) // 2} pairs of responses"
+        nf4 = []  # the reference's NF4 pi_t, when make_pairs loads it: training adapts that very model
         with runs.stage(where, "pairs") as st:
-            pairs = make_pairs(s, tok, policy, responses, judgments, it / "pairs.jsonl")
+            pairs = make_pairs(s, tok, policy, responses, judgments, it / "pairs.jsonl", keep=nf4)
             st["summary"] = f"{len(pairs)} chosen/rejected pairs with reference log-probs"
         (it / "train").mkdir(exist_ok=True)
         with runs.stage(where, "train") as st:
-            log = train(s, tok, policy, pairs, it / "train", it / "adapter", track, steps)
+            log = train(s, tok, policy, pairs, it / "train", it / "adapter", track, steps, model=nf4.pop() if nf4 else None)
             steps += len(log)
             st["summary"] = f"{len(log)} steps, loss {log[0]['loss']:.4g} -> {log[-1]['loss']:.4g}" if log else "0 steps"
         with runs.stage(where, "merge") as st:

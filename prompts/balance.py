@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import judge  # noqa: E402
-import stats  # noqa: E402
+from machinery import stats  # noqa: E402
 
 # as `make iterate` samples (sppo.Settings' defaults)
 TEMPERATURE, TOP_P, MAX_NEW_TOKENS, BATCH = 0.7, 0.9, 64, 24
@@ -41,16 +41,18 @@ def sample(rows, k, cache):
     index, so a resumed or extended run samples what an uninterrupted one would)."""
     import torch
 
+    import generate
     import model as M
+    from machinery import convert, kernels
     done = {r["id"]: r["responses"] for r in data.read_jsonl_tolerant(cache)} if cache.exists() else {}
     batches = [rows[i:i + BATCH] for i in range(0, len(rows), BATCH)]
     todo = [c for c, b in enumerate(batches) if not all(r["id"] in done for r in b)]
     if todo:
-        path = M.embedded_model_dir()
-        tok, policy = data.Tokenizer.from_dir(path), M.load_model(path, torch.float32, "cpu")
+        path = convert.embedded_model_dir()
+        tok, policy = data.Tokenizer.from_dir(path), kernels.use_onednn(M.load_model(path, torch.float32, "cpu"))
     for n, c in enumerate(todo):
         ids = [tok.encode_chat([{"role": "user", "content": r["prompt"]}]) for r in batches[c] for _ in range(k)]
-        out = M.generate(policy, ids, MAX_NEW_TOKENS, TEMPERATURE, TOP_P, 0, tok.stop_ids, seed=c, pad_id=tok.pad_id)
+        out = generate.generate(policy, ids, MAX_NEW_TOKENS, TEMPERATURE, TOP_P, 0, tok.stop_ids, seed=c, pad_id=tok.pad_id)
         text = [tok.decode([t for t in o if t not in tok.stop_ids]) for o in out]
         lines = [{"id": r["id"], "responses": text[i * k:(i + 1) * k]} for i, r in enumerate(batches[c])]
         data.append_jsonl(cache, lines)

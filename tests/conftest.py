@@ -14,5 +14,5 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """The embedded SmolLM2-135M-Instruct as an HF folder (converted from its GGUF once)."""
-    import convert
+    from machinery import convert
     return convert.embedded_model_dir()

@@ -20,8 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import checks
 import sppo
+from machinery import checks
 from tiny import make_tiny_chat_model
 
 PROMPTS = [{"prompt": f"say something short number {i} please", "checks": [{"type": "no_digits"}]} for i in range(4)]

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-import bench
+from scripts import bench
 from tiny import make_tiny_chat_model
 
 

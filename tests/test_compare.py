@@ -11,7 +11,7 @@ def test_arms_share_only_what_every_loss_computes_alike_and_summarise_every_iter
     for flag in ("--eta", "--runs-dir", "--name"):  # compare sets these itself (--eta: of its SPPO arms)
         i = args.index(flag)
         args = args[:i] + args[i + 2:]
-    r = subprocess.run([sys.executable, str(ROOT / "compare.py"), "--arms", "sppo,dpo", "--runs-dir", str(tmp_path / "cmp"),
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "compare.py"), "--arms", "sppo,dpo", "--runs-dir", str(tmp_path / "cmp"),
                         "--seed", "3", "--eta", "2", *args], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "cmp" / "seed3"
@@ -35,6 +35,6 @@ def test_arms_share_only_what_every_loss_computes_alike_and_summarise_every_iter
         assert len(ev["kl"]) == 2
     assert "| no_digits |" in summary and (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # run again: every arm resumes (nothing left to do) and the summary is the same
-    again = subprocess.run([sys.executable, str(ROOT / "compare.py"), "--arms", "sppo,dpo", "--runs-dir", str(tmp_path / "cmp"),
+    again = subprocess.run([sys.executable, str(ROOT / "scripts" / "compare.py"), "--arms", "sppo,dpo", "--runs-dir", str(tmp_path / "cmp"),
                             "--seed", "3", "--eta", "2", *args], capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and (out / "summary.md").read_text() == summary

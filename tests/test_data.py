@@ -15,8 +15,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
-import files  # noqa: E402
 import sppo  # noqa: E402
+from machinery import files  # noqa: E402
 from data import DataError, Tokenizer  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"

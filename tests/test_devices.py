@@ -1,4 +1,4 @@
-"""What the CUDA paths need, shown on the CPU with stand-ins (issue 16): models freed when their
+"""What the CUDA paths need, shown on the CPU with stand-ins: models freed when their
 stage ends, a resumed optimizer's state where its parameters are, the LoRA adapter independent of
 the split, attention that leaves SDPA its fast kernels, the step-0 log-ratio exactly zero.
 What only a GPU can show is in `make gpu-check`."""
@@ -34,19 +34,19 @@ def settings(tiny, tmp_path, *extra):
     return sppo.parse_args(run_args(tiny, tmp_path) + list(extra))
 
 
-def stages_up_to_pairs(s, tok, it):
+def stages_up_to_pairs(s, tok, it, keep=None):
     rows = data.load_prompts(s.prompts)[0][:6]
     responses = sppo.sample(s, Path(s.model), tok, rows, it / "responses.jsonl", [0, 50, 100])
     judgments = sppo.judge_responses(s, tok, rows, responses, it / "judgments.jsonl")
-    return sppo.make_pairs(s, tok, Path(s.model), responses, judgments, it / "pairs.jsonl")
+    return sppo.make_pairs(s, tok, Path(s.model), responses, judgments, it / "pairs.jsonl", keep=keep)
 
 
 def test_no_model_outlives_its_stage_even_without_the_garbage_collector(tiny, tmp_path, monkeypatch):
     """Every model a stage loads (the sampler's, the trained NF4 copy) is gone by reference
     counting alone when the stage function returns: no cycle keeps it (the old
     gradient-checkpointing lambda did), so its GPU memory is free for the next stage or vLLM.
-    The one model handed on is the reference's NF4 pi_t, held only by pipeline.load for the
-    next stage, training, which takes it (keep=True) and frees it like its own."""
+    The one model handed on is the reference's NF4 pi_t, held only by the list run() hands to
+    make_pairs (keep) for the next stage, training, which takes it and frees it like its own."""
     s = settings(tiny, tmp_path, "--grad-ckpt")
     tok = data.Tokenizer.from_dir(s.model)
     loaded, real_load = [], pipeline.load
@@ -62,12 +62,13 @@ def test_no_model_outlives_its_stage_even_without_the_garbage_collector(tiny, tm
     gc.collect()
     gc.disable()
     try:
-        pairs = stages_up_to_pairs(s, tok, it)
+        nf4 = []
+        pairs = stages_up_to_pairs(s, tok, it, nf4)
         assert len(loaded) == 2 and loaded[0]() is None, "the sampler survived its stage"
-        assert pipeline.load.kept[1] is loaded[1](), "the reference model is not handed to training"
-        sppo.train(s, tok, Path(s.model), pairs, it / "train", it / "adapter")
-        assert len(loaded) == 3 and loaded[2]() is None, "the trained model survived train()"
-        assert loaded[1]() is None and pipeline.load.kept is None, "the reference model survived train()"
+        assert len(nf4) == 1 and nf4[0] is loaded[1](), "the reference model is not handed to training"
+        sppo.train(s, tok, Path(s.model), pairs, it / "train", it / "adapter", model=nf4.pop())
+        assert len(loaded) == 2, "training loaded pi_t again instead of taking the reference's"
+        assert loaded[1]() is None, "the reference model survived train()"
     finally:
         gc.enable()
 
@@ -175,7 +176,7 @@ def test_step_zero_log_ratio_is_exactly_zero(tmp_path, nf4_compute):
     assert len(pairs) == 12 and [p["id"] for p in pairs] == [r["id"] for r in responses]  # the file's own order
     policy = quant.quantize_model(s.model, torch.float32, "cpu", product_dtype=getattr(torch, nf4_compute))
     lora.add_lora(policy, sppo.lora_config(s))  # B = 0: the policy equals the reference
-    score = functools.partial(M.sequence_logps, policy)
+    score = functools.partial(data.sequence_logps, policy)
     for batch in sppo.batch_order(s, len(pairs))[:4]:
         _, seen = sppo.train_step(score, [pairs[i] for i in batch], s, tok.pad_id, torch.device("cpu"))
         assert max(map(abs, seen["logr_w"] + seen["logr_l"])) == 0.0

@@ -16,9 +16,8 @@ import pytest
 import torch
 
 import data
-import files
-import runs
 import sppo
+from machinery import files, runs
 from tiny import make_tiny_chat_model
 
 ROOT = Path(__file__).resolve().parent.parent

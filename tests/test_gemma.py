@@ -8,11 +8,13 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM
 
 import data as D
-import model as M
+import generate
 import lora as L
+import model as M
 import pipeline
-import sppo
 import quant as Q
+import sppo
+from machinery import loader
 from test_model import padded_batch  # left-padded random ids, as in the Llama checks
 
 # 4 layers: sliding, full, sliding, full. head_dim 24 != 64 / 4, query scale from 20 != head_dim.
@@ -47,7 +49,7 @@ def test_config_reads_gemma_fields(tmp_path):
     assert [c.window(i) for i in range(4)] == [4, None, 4, None]
     assert (c.head_dim, c.query_pre_attn_scalar, c.hidden_act) == (24, 20, "gelu_pytorch_tanh")
     assert c.tie_embeddings  # Gemma2Config's default, absent from config.json
-    M.check_headers(tmp_path)  # the start-up check knows Gemma-2's extra norms (transformers wrote them)
+    loader.check_headers(tmp_path)  # the start-up check knows Gemma-2's extra norms (transformers wrote them)
     m = M.load_model(tmp_path)
     assert m.lm_head.weight is m.embed_tokens.weight
     good = json.loads((tmp_path / "config.json").read_text())
@@ -95,9 +97,9 @@ def test_greedy_kv_cache_matches_transformers_generate(tmp_path):
     ours = M.load_model(tmp_path)
     prompts = [[5, 17, 33, 2, 9], [44, 3], [7, 7, 8, 90, 12, 61, 4, 5, 6]]
     n = 14  # every output runs well past the window of 4
-    batch = M.generate(ours, prompts, n, temperature=0)
+    batch = generate.generate(ours, prompts, n, temperature=0)
     for p, got in zip(prompts, batch):
-        assert got == M.generate(ours, [p], n, temperature=0)[0], "a padded row differs from the prompt alone"
+        assert got == generate.generate(ours, [p], n, temperature=0)[0], "a padded row differs from the prompt alone"
         ref = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
                           max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
         assert got == ref[0, len(p):].tolist()
@@ -109,12 +111,12 @@ def test_greedy_kv_cache_matches_transformers_generate(tmp_path):
                       eos_token_id=None)
     assert batch == ref[:, idx.shape[1]:].tolist()
     # CUDA's fixed-shape decode step (run eagerly here: the whole cache, the window as a mask)
-    assert M.generate(ours, prompts, n, temperature=0, static_cache=True) == ref[:, idx.shape[1]:].tolist()
+    assert generate.generate(ours, prompts, n, temperature=0, static_cache=True) == ref[:, idx.shape[1]:].tolist()
     # The test can fail: the window changes these outputs, and they are not one repeated token.
     assert all(len(set(x)) > 5 for x in batch)
     for layer in ours.layers:
         layer.sliding = False
-    assert M.generate(ours, prompts, n, temperature=0) != batch
+    assert generate.generate(ours, prompts, n, temperature=0) != batch
 
 
 def test_lora_merge_loads_in_transformers_with_our_logits(tmp_path):
@@ -171,7 +173,7 @@ def test_sequence_logps_use_soft_capped_logits_through_a_pipeline_split(tmp_path
     resp = torch.zeros_like(ids, dtype=torch.bool)
     resp[:, 5:] = True
     with torch.no_grad():
-        got = M.sequence_logps(pipeline.micro_batched(ours, 2), ids, resp)
+        got = D.sequence_logps(pipeline.micro_batched(ours, 2), ids, resp)
         logp = hf(input_ids=ids).logits.log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
     want = (logp * resp[:, 1:]).sum(-1)
     assert torch.allclose(got, want, atol=1e-4), (got, want)
@@ -180,7 +182,7 @@ def test_sequence_logps_use_soft_capped_logits_through_a_pipeline_split(tmp_path
              for i in range(3)]
     row_ids, seg = D.pair_tensors(pairs, sppo.Settings(), 0, "cpu")
     with torch.no_grad():
-        got = M.sequence_logps(pipeline.micro_batched(ours, 2), row_ids, seg)
+        got = D.sequence_logps(pipeline.micro_batched(ours, 2), row_ids, seg)
         want = [[hf_logp(hf, p["prompt_ids"], p[k]) for k in ("chosen_ids", "rejected_ids")] for p in pairs]
     assert torch.allclose(got, torch.tensor(want), atol=1e-4), (got, want)
 

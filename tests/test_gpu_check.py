@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-import gpu_check as G
 import pipeline
+from scripts import gpu_check as G
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2 ** 30
@@ -128,7 +128,7 @@ def test_every_step_runs_its_code_path_on_cpu_with_tiny_shapes(cpu_check, step):
 
 def test_each_step_runs_in_its_own_process_and_the_results_reach_the_table_and_the_json(tmp_path):
     out = tmp_path / "gpu_check.jsonl"
-    r = subprocess.run([sys.executable, str(ROOT / "gpu_check.py"), "--device", "cpu", "--steps", "env,e2e-vllm",
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--device", "cpu", "--steps", "env,e2e-vllm",
                         "--out", str(out)], cwd=ROOT, env=no_cuda_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = table_rows(r.stdout.split("## gpu-check")[1])

@@ -10,8 +10,8 @@ import data
 import lora
 import model as M
 import quant
-import report
 import sppo
+from machinery import report
 from tiny import make_tiny_chat_model
 
 
@@ -51,7 +51,7 @@ def test_step_log_holds_hand_computed_margin_accuracy_targets_and_clip_grad_norm
     lora.add_lora(twin, sppo.lora_config(s))
     twin.train()
     ids, mask = data.pair_tensors(pairs, s, tok.pad_id, "cpu")
-    logp = M.sequence_logps(twin, ids, mask)
+    logp = data.sequence_logps(twin, ids, mask)
     lw = [logp[i, 0].item() - p["ref_chosen_logp"] for i, p in enumerate(pairs)]
     ll = [logp[i, 1].item() - p["ref_rejected_logp"] for i, p in enumerate(pairs)]
     tw = [4.0 * (p["chosen_probs_win"] - 0.5) for p in pairs]

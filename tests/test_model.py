@@ -5,9 +5,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
-import convert
-import kernels
+import generate
 import model as M
+from machinery import convert, kernels
 
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
             num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256)
@@ -95,10 +95,10 @@ def test_greedy_kv_cache_equals_recompute_and_transformers(tmp_path, variant):
     m = M.load_model(tmp_path)
     prompts = [[5, 17, 33, 2, 9], [44, 3], [7, 7, 8, 90, 12, 61, 4, 5, 6]]
     n = 20
-    batch = M.generate(m, prompts, n, temperature=0)
-    static = M.generate(m, prompts, n, temperature=0, static_cache=True)  # CUDA's fixed-shape step, run eagerly
+    batch = generate.generate(m, prompts, n, temperature=0)
+    static = generate.generate(m, prompts, n, temperature=0, static_cache=True)  # CUDA's fixed-shape step, run eagerly
     for p, got, fixed in zip(prompts, batch, static):
-        alone = M.generate(m, [p], n, temperature=0)[0]
+        alone = generate.generate(m, [p], n, temperature=0)[0]
         assert got == alone, "a batch row differs from the same prompt run alone"
         assert got == greedy_no_cache(m, p, n)
         ref = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
@@ -111,11 +111,11 @@ def test_stop_ids_end_each_row_on_its_own(tmp_path):
     save_hf(tmp_path, LlamaForCausalLM, VARIANTS["llama_gqa_untied"][1]())
     m = M.load_model(tmp_path)
     prompts = [[5, 17, 33], [44, 3, 9, 10]]
-    free = M.generate(m, prompts, 12, temperature=0)
+    free = generate.generate(m, prompts, 12, temperature=0)
     # Make a token that row 0 emits (and row 1 never does) a stop token: row 0 must end at
     # its first occurrence (keeping it), row 1 must run on unchanged.
     j = next(j for j, t in enumerate(free[0]) if j > 0 and t not in free[1] and t not in free[0][:j])
-    out = M.generate(m, prompts, 12, temperature=0, stop_ids=[free[0][j]])
+    out = generate.generate(m, prompts, 12, temperature=0, stop_ids=[free[0][j]])
     assert out[0] == free[0][:j + 1]
     assert out[1] == free[1]
 
@@ -127,11 +127,11 @@ def test_rows_that_stop_leave_the_batch_and_the_rest_still_equal_transformers(tm
     hf = save_hf(tmp_path, LlamaForCausalLM, VARIANTS["llama_gqa_untied"][1]())
     m = M.load_model(tmp_path)
     prompts = [[5, 17, 33, 2, 9], [44, 3], [7, 7, 8, 90, 12, 61, 4, 5, 6], [11, 12, 13], [60, 2], [9, 9, 1, 70]]
-    free = M.generate(m, prompts, 16, temperature=0)
+    free = generate.generate(m, prompts, 16, temperature=0)
     stop_ids = [free[0][1], free[3][2], free[5][4]]  # tokens that some rows emit early
     cuts = []
     monkeypatch.setattr(M.KVCache, "keep", lambda self, idx, _f=M.KVCache.keep: cuts.append(len(idx)) or _f(self, idx))
-    got = M.generate(m, prompts, 16, temperature=0, stop_ids=stop_ids)
+    got = generate.generate(m, prompts, 16, temperature=0, stop_ids=stop_ids)
     assert cuts and min(cuts) < len(prompts), "no row left the batch: the case does not exercise it"
     for p, row in zip(prompts, got):
         ref = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), max_new_tokens=16,
@@ -145,9 +145,9 @@ def test_same_seed_same_samples_different_seed_differs(tmp_path):
     m = M.load_model(tmp_path)
     prompts = [[5, 17, 33], [44, 3, 9, 10]] * 2
     kw = dict(max_new_tokens=16, temperature=1.0, top_p=0.95, top_k=50)
-    a = M.generate(m, prompts, seed=0, **kw)
-    b = M.generate(m, prompts, seed=0, **kw)
-    c = M.generate(m, prompts, seed=1, **kw)
+    a = generate.generate(m, prompts, seed=0, **kw)
+    b = generate.generate(m, prompts, seed=0, **kw)
+    c = generate.generate(m, prompts, seed=1, **kw)
     assert a == b
     assert a != c
 
@@ -155,11 +155,11 @@ def test_same_seed_same_samples_different_seed_differs(tmp_path):
 def test_top_k_and_top_p_keep_only_allowed_tokens():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     g = torch.Generator().manual_seed(0)
-    k1 = {int(M.sample_next(logits, 1.0, top_k=1, generator=g)) for _ in range(50)}
+    k1 = {int(generate.sample_next(logits, 1.0, top_k=1, generator=g)) for _ in range(50)}
     assert k1 == {0}
-    p = {int(M.sample_next(logits, 1.0, top_p=0.7, generator=g)) for _ in range(300)}
+    p = {int(generate.sample_next(logits, 1.0, top_p=0.7, generator=g)) for _ in range(300)}
     assert p == {0, 1}  # 0.5 < 0.7 needs the second token; 0.8 >= 0.7 stops there
-    assert int(M.sample_next(logits, 0.0)) == 0
+    assert int(generate.sample_next(logits, 0.0)) == 0
 
 
 def test_top_p_on_flat_distributions_keeps_transformers_nucleus():
@@ -173,7 +173,7 @@ def test_top_p_on_flat_distributions_keeps_transformers_nucleus():
         rank = {int(t): r for r, t in enumerate(logits[0].argsort(descending=True))}
         got = set()
         for _ in range(10):
-            got |= set(M.sample_next(logits, 1.0, top_p=0.9, generator=g).tolist())
+            got |= set(generate.sample_next(logits, 1.0, top_p=0.9, generator=g).tolist())
         assert got <= kept and max(rank[t] for t in got) >= tier
 
 
@@ -219,7 +219,7 @@ def test_embedded_smollm2_answers_paris(smollm2_dir):
     m = M.load_model(smollm2_dir)
     ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                   add_generation_prompt=True)
-    out = M.generate(m, [ids], 24, temperature=0, stop_ids=[tok.eos_token_id])
+    out = generate.generate(m, [ids], 24, temperature=0, stop_ids=[tok.eos_token_id])
     assert "Paris" in tok.decode(out[0], skip_special_tokens=True)
 
 
@@ -266,12 +266,12 @@ def test_a_cpu_whose_probe_finds_no_onednn_path_multiplies_by_f_linear(tmp_path,
     takes it: with none found, every product is F.linear's bit for bit (no packed copy kept, no
     fused q/k/v), and generate_seeds runs the seeds one by one with the same samples as one batch."""
     save_hf(tmp_path, LlamaForCausalLM, VARIANTS["llama_gqa_untied"][1]())
-    m = M.load_model(tmp_path)
+    m = kernels.use_onednn(M.load_model(tmp_path))
     idx, mask = padded_batch(97, [11, 7, 1, 11])
     prompts, seeds = [[5, 17, 33, 2, 9], [44, 3]], [0, 50]
     with torch.no_grad():
-        batched = M.generate_seeds(m, prompts, 6, temperature=1.0, seeds=seeds)
-        m = M.load_model(tmp_path)  # no packed copies from the fast paths
+        batched = generate.generate_seeds(m, prompts, 6, temperature=1.0, seeds=seeds)
+        m = kernels.use_onednn(M.load_model(tmp_path))  # no packed copies from the fast paths
         monkeypatch.setattr(kernels, "paths", lambda dtype: frozenset())
         plain = m(idx, mask)
         assert not any(k.startswith("_packed") for mod in m.modules() for k in mod.__dict__)
@@ -279,7 +279,26 @@ def test_a_cpu_whose_probe_finds_no_onednn_path_multiplies_by_f_linear(tmp_path,
         assert torch.equal(plain, m(idx, mask))
         monkeypatch.undo()
         monkeypatch.setattr(kernels, "paths", lambda dtype: frozenset({"product", "packed", "fused"}))  # rows differ
-        assert M.generate_seeds(m, prompts, 6, temperature=1.0, seeds=seeds) == batched
+        assert generate.generate_seeds(m, prompts, 6, temperature=1.0, seeds=seeds) == batched
+
+
+def test_onednn_applied_from_outside_keeps_the_models_parameters_and_transformers_logits(tmp_path):
+    """kernels.use_onednn on a built model: the same parameters (tied head included), the same
+    state dict, logits within float rounding of transformers' (as the plain model's); a plain
+    model, MKL's products anywhere, never runs seeds as one batch."""
+    hf = save_hf(tmp_path, LlamaForCausalLM, VARIANTS["llama3_rope_tied"][1]())
+    plain = M.load_model(tmp_path)
+    assert not kernels.rows_independent(plain)
+    before = plain.state_dict(keep_vars=True)
+    fast = kernels.use_onednn(plain)
+    assert fast is plain and fast.lm_head.weight is fast.embed_tokens.weight
+    after = fast.state_dict(keep_vars=True)
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in after)
+    assert all(type(mod) is not torch.nn.Linear for mod in fast.modules())
+    idx, mask = padded_batch(97, [11, 7, 1, 11])
+    with torch.no_grad():
+        ref = hf(idx, attention_mask=mask.long()).logits
+        assert ((fast(idx, mask) - ref)[mask].abs().max().item()) <= 1e-4
 
 
 def test_the_probe_finds_every_onednn_path_it_reports_true_on_this_cpu():
@@ -309,21 +328,23 @@ def test_seeds_in_one_batch_equal_one_call_per_seed(tmp_path):
     """generate_seeds runs K seeds as one batch (prefill once, per-seed generators): each seed's
     samples are token for token those of generate(seed=...) alone, stops and early ends included."""
     save_hf(tmp_path, LlamaForCausalLM, VARIANTS["llama_gqa_untied"][1]())
-    m = M.load_model(tmp_path)
+    m = kernels.use_onednn(M.load_model(tmp_path))
+    # the one-batch path is what is checked, wherever this CPU's probe allows it
+    assert kernels.rows_independent(m) == ("rows" in kernels.paths(torch.float32))
     prompts = [[5, 17, 33, 2, 9], [44, 3], [7, 7, 8, 90, 12, 61, 4, 5, 6], [11, 12, 13]]
     seeds = [0, 50, 100]
     for stops, kw in ((False, dict(temperature=1.0, top_p=0.9)), (True, dict(temperature=0.7, top_k=20)),
                       (True, dict(temperature=0))):
-        free = M.generate(m, prompts, 12, seed=seeds[1], **kw)
+        free = generate.generate(m, prompts, 12, seed=seeds[1], **kw)
         stop_ids = (free[0][3], free[2][6]) if stops else ()  # tokens some rows do emit
-        alone = [M.generate(m, prompts, 12, stop_ids=stop_ids, seed=s, **kw) for s in seeds]
-        assert M.generate_seeds(m, prompts, 12, stop_ids=stop_ids, seeds=seeds, **kw) == alone
+        alone = [generate.generate(m, prompts, 12, stop_ids=stop_ids, seed=s, **kw) for s in seeds]
+        assert generate.generate_seeds(m, prompts, 12, stop_ids=stop_ids, seeds=seeds, **kw) == alone
         if stop_ids:  # rows ended early: the per-seed stopping is exercised
             assert any(len(r) < 12 for a in alone for r in a)
-        one = [M.generate(m, prompts[:1], 12, stop_ids=stop_ids, seed=s, **kw) for s in seeds]
-        assert M.generate_seeds(m, prompts[:1], 12, stop_ids=stop_ids, seeds=seeds, **kw) == one
+        one = [generate.generate(m, prompts[:1], 12, stop_ids=stop_ids, seed=s, **kw) for s in seeds]
+        assert generate.generate_seeds(m, prompts[:1], 12, stop_ids=stop_ids, seeds=seeds, **kw) == one
         # CUDA's fixed-shape step (run eagerly here), where done rows stay in the batch: same samples
-        assert M.generate_seeds(m, prompts, 12, stop_ids=stop_ids, seeds=seeds, static_cache=True, **kw) == alone
+        assert generate.generate_seeds(m, prompts, 12, stop_ids=stop_ids, seeds=seeds, static_cache=True, **kw) == alone
 
 
 @pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh"])
@@ -345,7 +366,7 @@ def test_fused_projections_equal_separate_ones_bit_for_bit(tmp_path, monkeypatch
     """Sampling runs q/k/v and gate/up as one oneDNN product each over stacked packed weights:
     the logits are exactly those of the separate products, and follow a weight changed in place."""
     save_hf(tmp_path, LlamaForCausalLM, VARIANTS["llama_gqa_untied"][1]())
-    m = M.load_model(tmp_path)
+    m = kernels.use_onednn(M.load_model(tmp_path))
     idx, mask = padded_batch(97, [11, 7, 1, 11])
     real = kernels.fused_linears
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import data
+import generate
 import lora
 import model as M
 import pipeline
@@ -94,7 +96,7 @@ def test_gpipe_clock_order(tiny, monkeypatch):
 def grads_and_loss(model, pairs, s, dev="cpu"):
     for p in lora.lora_params(model).values():
         p.grad = None
-    score = functools.partial(M.sequence_logps, pipeline.micro_batched(model, s.micro_batches))
+    score = functools.partial(data.sequence_logps, pipeline.micro_batched(model, s.micro_batches))
     loss, _ = sppo.train_step(score, pairs, s, 0, torch.device(first(dev)), amp=False)
     loss.backward()
     return loss.item(), {k: v.grad.clone() for k, v in lora.lora_params(model).items()}
@@ -138,16 +140,16 @@ def test_split_greedy_generation_matches_one_device(tiny, dev):
     whole, split = M.load_model(tiny, device=first(dev)), split_model(tiny, [0, 3, 5], dev=dev)
     prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16]]
     for kw in (dict(temperature=0.0), dict(temperature=1.0, seed=3)):
-        want = M.generate(whole, prompts, 12, static_cache=False, **kw)
-        assert M.generate(split, prompts, 12, static_cache=False, **kw) == want
+        want = generate.generate(whole, prompts, 12, static_cache=False, **kw)
+        assert generate.generate(split, prompts, 12, static_cache=False, **kw) == want
         # the fixed-shape step, stage by stage (on CUDA one graph per stage, activations hopping between)
-        assert M.generate(split, prompts, 12, static_cache=True, **kw) == want
+        assert generate.generate(split, prompts, 12, static_cache=True, **kw) == want
 
 
 @pytest.mark.parametrize("dev", DEVICES)
 @pytest.mark.parametrize("quantized", [False, True])
 def test_static_cache_step_samples_the_growing_cache_steps_tokens(tiny, dev, quantized, monkeypatch):
-    """The sampler's fixed-shape decode step (model.CapturedDecode: on CUDA one captured CUDA
+    """The sampler's fixed-shape decode step (generate.CapturedDecode: on CUDA one captured CUDA
     graph, replayed) gives the tokens of the eager step over the growing cache, greedy and
     sampled, in full precision and in NF4 (bitsandbytes' kernels inside the graph)."""
     graphs = []
@@ -160,12 +162,12 @@ def test_static_cache_step_samples_the_growing_cache_steps_tokens(tiny, dev, qua
     m = split_model(tiny, [0, 5], quantized=quantized, dev=first(dev))
     prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16]]
     for kw in (dict(temperature=0.0), dict(temperature=1.0, seed=3), dict(temperature=0.7, top_p=0.9, seed=4)):
-        want = M.generate(m, prompts, 12, static_cache=False, **kw)
-        assert M.generate(m, prompts, 12, static_cache=True, **kw) == want, kw
+        want = generate.generate(m, prompts, 12, static_cache=False, **kw)
+        assert generate.generate(m, prompts, 12, static_cache=True, **kw) == want, kw
     assert len(set(sum(want, []))) > 5, "the samples are one repeated token: the check is weak"
     assert bool(graphs) == first(dev).startswith("cuda"), "CUDA decodes by replaying a graph, nothing else does"
     if graphs:  # and on one card that is the default
-        assert M.generate(m, prompts, 12, **kw) == want and len(set(map(id, graphs))) == 4
+        assert generate.generate(m, prompts, 12, **kw) == want and len(set(map(id, graphs))) == 4
 
 
 # ----------------------------------------------------------------------------- the memory plan
@@ -206,7 +208,7 @@ def test_activation_estimate_matches_what_autograd_saves(tiny):
     B, T = 4, 32
     x = torch.randn(B, T, m.cfg.dim, requires_grad=True)
     # a training row's mask and positions (prompt, chosen, rejected: data.pair_tensors)
-    _, kw = M.pair_row_layout(torch.tensor([0] * 12 + [1] * 10 + [2] * 10).expand(B, T))
+    _, kw = data.pair_row_layout(torch.tensor([0] * 12 + [1] * 10 + [2] * 10).expand(B, T))
     mask = kw["attn_mask"]
     cos, sin = M.rope_cos_sin(m.inv_freq, kw["pos"], x.dtype)
     seen = {}

@@ -7,10 +7,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-import kernels
-import model as M
+import generate
 import lora as L
+import model as M
 import quant as Q
+from machinery import kernels
 
 TINY = dict(vocab_size=97, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
@@ -143,7 +144,7 @@ def test_embedded_smollm2_in_nf4_still_answers_paris(smollm2_dir):
     assert held_bytes(m) < 0.5 * sum(p.numel() * 4 for p in M.load_model(smollm2_dir).parameters())
     ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                   add_generation_prompt=True)
-    out = M.generate(m, [ids], 24, temperature=0, stop_ids=[tok.eos_token_id])
+    out = generate.generate(m, [ids], 24, temperature=0, stop_ids=[tok.eos_token_id])
     assert "Paris" in tok.decode(out[0], skip_special_tokens=True)
 
 

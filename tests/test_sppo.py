@@ -12,8 +12,8 @@ import torch
 
 import data
 import model as M
-import runs
 import sppo
+from machinery import runs
 from tiny import make_tiny_chat_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -233,23 +233,23 @@ def test_sequence_logps_equal_transformers_log_probs_of_response_tokens(tiny_set
         logp = hf(row[None]).logits[0].log_softmax(-1)
         return sum(logp[t - 1, row[t]].item() for t in range(len(prompt), len(row)))
     with torch.no_grad():
-        got = M.sequence_logps(model, ids, seg)
+        got = data.sequence_logps(model, ids, seg)
         cut = [(p["prompt_ids"][-6:], 20 - len(p["prompt_ids"][-6:])) for p in pairs]
         ref = [[want(x, p["chosen_ids"][:n]), want(x, p["rejected_ids"][:n])] for p, (x, n) in zip(pairs, cut)]
         assert torch.allclose(got, torch.tensor(ref), atol=1e-4)
         ids, mask = data.seq_tensors([x for x, _ in cut], [p["rejected_ids"] for p in pairs], s, 0, "cpu")
-        got = M.sequence_logps(model, ids, mask)
+        got = data.sequence_logps(model, ids, mask)
     assert torch.allclose(got, torch.tensor(ref)[:, 1], atol=1e-4)
 
 
 def test_length_groups_cover_every_row_once_and_bound_padding():
     lengths = [200, 64, 190, 70, 256, 30, 128, 66]
-    groups = M.length_groups(lengths, waste=0.15)
+    groups = data.length_groups(lengths, waste=0.15)
     assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
     for g in groups:  # padded to its longest row, a group adds at most 15% of its real tokens
         assert len(g) * max(lengths[i] for i in g) <= 1.15 * sum(lengths[i] for i in g)
     assert len(groups) < len(lengths)  # similar lengths still share a batch
-    assert M.length_groups([50] * 4) == [[0, 1, 2, 3]]
+    assert data.length_groups([50] * 4) == [[0, 1, 2, 3]]
 
 
 def test_reference_logps_are_frozen_and_differ_from_trained_policy(tiny_setup, tmp_path, monkeypatch):
@@ -266,28 +266,29 @@ def test_reference_logps_are_frozen_and_differ_from_trained_policy(tiny_setup, t
     it.mkdir()
     responses = sppo.sample(s, Path(s.model), tok, rows, it / "responses.jsonl", [0, 50, 100])
     judgments = sppo.judge_responses(s, tok, rows, responses, it / "judgments.jsonl")
-    pairs = sppo.make_pairs(s, tok, Path(s.model), responses, judgments, it / "pairs.jsonl")
+    nf4 = []
+    pairs = sppo.make_pairs(s, tok, Path(s.model), responses, judgments, it / "pairs.jsonl", keep=nf4)
     assert pairs, "the tiny setup must give some pairs"
-    assert quantized == [Path(s.model)] and pipeline.load.kept is not None
+    assert quantized == [Path(s.model)] and len(nf4) == 1
     before = (it / "pairs.jsonl").read_bytes()
     # the reference is the frozen base: recompute it independently with the plain fp32-loaded
     # model quantized the same way and no adapter
     base = quant.quantize_model(s.model, torch.float32, "cpu", product_dtype=quant.product_dtype("cpu"))
     ids, mask = data.pair_tensors(pairs, s, tok.pad_id, "cpu")
     with torch.no_grad():
-        ref = M.sequence_logps(base, ids, mask)
+        ref = data.sequence_logps(base, ids, mask)
     stored = torch.tensor([[p["ref_chosen_logp"], p["ref_rejected_logp"]] for p in pairs])
     assert torch.allclose(ref, stored, atol=1e-4)
     (it / "train").mkdir()
     quantized.clear()
-    sppo.train(s, tok, Path(s.model), pairs, it / "train", it / "adapter")
-    assert quantized == [] and pipeline.load.kept is None  # training took the scoring's model
+    sppo.train(s, tok, Path(s.model), pairs, it / "train", it / "adapter", model=nf4.pop())
+    assert quantized == []  # training took the scoring's model
     assert (it / "pairs.jsonl").read_bytes() == before, "training must not touch the stored reference"
     pol = quant.quantize_model(s.model, torch.float32, "cpu", product_dtype=quant.product_dtype("cpu"))
     lora.add_lora(pol, sppo.lora_config(s))
     lora.load_adapter(pol, it / "adapter")
     with torch.no_grad():
-        now = M.sequence_logps(pol, ids, mask)
+        now = data.sequence_logps(pol, ids, mask)
     assert (now - stored).abs().max().item() > 1e-2, "policy still equals the reference: reference == policy bug"
 
 
@@ -371,8 +372,7 @@ def test_vllm_plumbing_gives_each_prompt_its_own_samples_and_resumes_by_chunk(ti
     one is checked against our sampler by `make test-vllm`): every prompt gets the outputs made
     for its own token ids, a stop token is kept in the ids (they are what gets scored), left out
     of the text and flagged, and a resumed stage asks only for the prompts of its unfinished chunks."""
-    import files
-    import vllm_backend
+    from machinery import files, vllm_backend
     tok = data.Tokenizer.from_dir(tiny_setup / "model")
     rows = data.load_prompts(tiny_prompts(tmp_path / "p.jsonl", 5, "q"))[0]
     asked = []
@@ -486,7 +486,7 @@ def test_vllm_child_gets_a_context_no_longer_than_needed_and_its_own_error_ends_
     (8k for Llama-3) and vLLM refuses to start beside a 24 GB card's other tenants. The child is
     asked for the longest prompt + max_new_tokens. When it fails, its last stderr line is the
     error (a stand-in python that records the request and fails)."""
-    import vllm_backend
+    from machinery import vllm_backend
     fake = tmp_path / "python"
     fake.write_text(f"#!/bin/sh\ncp \"$2\" {tmp_path}/req.json\necho 'loading...' >&2\n"
                     "echo 'ValueError: not enough KV cache for 1 sequence' >&2\nexit 1\n")

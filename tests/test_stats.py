@@ -15,7 +15,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import stats  # noqa: E402
+from machinery import stats  # noqa: E402
 
 
 def sig(x):

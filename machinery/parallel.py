@@ -31,6 +31,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+import data
 import model as M
 
 
@@ -144,7 +145,7 @@ def merge_log(into, log):
 
 
 class _Scorer(torch.nn.Module):
-    """model.sequence_logps as a module: DDP arms its gradient all-reduce in its own forward
+    """data.sequence_logps as a module: DDP arms its gradient all-reduce in its own forward
     call, and a training step's forward is sequence_logps (one model call per length group),
     not one model() call."""
 
@@ -153,7 +154,7 @@ class _Scorer(torch.nn.Module):
         self.net = net
 
     def forward(self, ids, mask):
-        return M.sequence_logps(self.net, ids, mask)
+        return data.sequence_logps(self.net, ids, mask)
 
 
 def ddp(net):

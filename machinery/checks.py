@@ -16,18 +16,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import convert
 import data
-import files
 import judge as judges
-import kernels
 import lora
 import model as M
-import parallel
 import pipeline
 import quant
-import report
-import runs
+from machinery import convert, files, kernels, loader, parallel, report, runs
 
 
 class FlagError(ValueError):
@@ -199,7 +194,7 @@ def start(s, harmless):
         if not fits and cuda:
             raise runs.RunError(pipeline.plan_problems(rows)[0] + " (the plan above; --plan prints it alone)")
     M.Config.from_hf(base_dir)
-    M.check_headers(base_dir)
+    loader.check_headers(base_dir)
     tok = data.Tokenizer.from_dir(base_dir)
     pool, stats = data.load_prompts(s.prompts)
     heldout, _ = data.load_prompts(s.heldout)

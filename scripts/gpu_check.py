@@ -23,9 +23,9 @@ A card whose measured peak is more than 10% above the plan fails its step: the p
 `--plan` promises before a long run. From the measured rates it estimates the hours of one
 iteration at the paper's scale (20k prompts, K=5, up to 512 new tokens, 3 epochs).
 
-    python gpu_check.py                          # what `make gpu-check` runs; exit 1 if a step failed
-    python gpu_check.py --out gpu_check.jsonl    # also keep the step results (for BENCHMARKS.md)
-    python gpu_check.py --device cpu             # the same steps on CPU with tiny shapes (the tests)
+    python scripts/gpu_check.py                          # what `make gpu-check` runs; exit 1 if a step failed
+    python scripts/gpu_check.py --out gpu_check.jsonl    # also keep the step results (for docs/BENCHMARKS.md)
+    python scripts/gpu_check.py --device cpu             # the same steps on CPU with tiny shapes (the tests)
 
 Without CUDA there is nothing to check: one line, exit status 0 (CI stays green).
 
@@ -35,7 +35,7 @@ model.Config, LLAMA3_8B, sequence_logps, generate, Attention; quant.NF4Linear; t
 make_tiny_chat_model and the device tests of tests/test_pipeline.py and tests/test_devices.py
 (DEVICE_TESTS).
 
-What it shows that only a GPU can (issue 16): bitsandbytes' CUDA kernels; masked attention
+What it shows that only a GPU can: bitsandbytes' CUDA kernels; masked attention
 running on SDPA's memory-efficient kernel (env); LoRA's initial adapter equal for any split over
 two cards (tests); the two cards overlapping in GPipe's forward (train: scoring with 2
 micro-batches against 1); a training run killed after its first checkpoint resuming on the
@@ -56,7 +56,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # the repository root
+sys.path.insert(0, str(HERE))  # its modules, imported by the steps
 GiB = 2 ** 30
 TAG = "GPUCHECK "      # a step's result line starts with this
 SLACK = 0.10           # a measured peak may exceed the plan by this fraction
@@ -226,7 +227,7 @@ def step_env(c: Check):
 
 def masked_attention_kernel(dev):
     """Which fast SDPA kernel our attention gets in generation (a mask, GQA): with only the
-    memory-efficient kernel allowed it must still run (issue 16: SDPA's own GQA with a mask
+    memory-efficient kernel allowed it must still run (SDPA's own GQA with a mask
     would leave it only the slow math kernel, in float32)."""
     import torch
     import model as M
@@ -308,6 +309,7 @@ def shape_setup(c: Check):
 def step_train(c: Check):
     """pipeline.check at the walkthrough's settings, then reference scoring on the same model."""
     import torch
+    import data
     import model as M
     import pipeline
     s, cfg, devices = shape_setup(c)
@@ -326,7 +328,7 @@ def step_train(c: Check):
         for _ in range(3):
             t = time.perf_counter()
             with torch.no_grad(), pipeline.autocast(torch.device(devices[0])):
-                M.sequence_logps(pipeline.micro_batched(m, chunks), ids, seg)
+                data.sequence_logps(pipeline.micro_batched(m, chunks), ids, seg)
             sync(devices)
             times.append(time.perf_counter() - t)
         return w.train_seqs * w.seq_len / min(times[1:])  # as pipeline.check counts
@@ -348,6 +350,7 @@ def step_sample(c: Check):
     """Sampling as sppo.sample does it (temperature 0.7, top-p 0.9, no early stop), at batch 1
     and at the walkthrough's --gen-batch with its full prompt and answer lengths."""
     import torch
+    import generate
     import model as M
     import pipeline
     s, cfg, devices = shape_setup(c)
@@ -363,7 +366,7 @@ def step_sample(c: Check):
 
     def rate(n, new, static_cache=None):
         t = time.perf_counter()
-        out = M.generate(m, prompts(n), new, s.temperature, s.top_p, s.top_k, stop_ids=(), seed=0,
+        out = generate.generate(m, prompts(n), new, s.temperature, s.top_p, s.top_k, stop_ids=(), seed=0,
                          static_cache=static_cache)
         sync(devices)
         if sum(map(len, out)) != n * new:
@@ -652,7 +655,7 @@ def main(argv=None):
     t0 = time.time()
     results = [run_step(name, c) for name in steps]
     it = Iteration(prompts=a.iter_prompts)
-    import kernels
+    from machinery import kernels
     header = (f"## gpu-check: {', '.join(c.cards)} (split {c.split}{', tiny shapes' if c.tiny else ''}), "
               f"{time.time() - t0:.0f} s\n\nhost CPU: {kernels.cpu_description()}")
     print("\n" + report(results, it, header, c.tiny))

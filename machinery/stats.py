@@ -9,7 +9,7 @@ Held-out statistics that keep length in view: a gain is a gain only at equal len
     length_effect(lengths, scores)          within a prompt's K samples: do longer ones score more?
     report(rows, base, new)                 all of the above for one pair of answer lists
 
-Every function is pure (numpy and judge's check functions only). `python stats.py RUN_DIR`
+Every function is pure (numpy and judge's check functions only). `python -m machinery.stats RUN_DIR`
 prints them for each iteration of a run (eval_base.jsonl against iter<t>/eval_answers.jsonl).
 
 Why length control: a model that learns to say less meets every "at most N words" check and
@@ -201,10 +201,10 @@ def _answers(path):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) not in (1, 2) or argv[0].startswith("-"):
-        print("error: usage: python stats.py RUN_DIR [HELDOUT.jsonl]  (default prompts/heldout.jsonl)", file=sys.stderr)
+        print("error: usage: python -m machinery.stats RUN_DIR [HELDOUT.jsonl]  (default prompts/heldout.jsonl)", file=sys.stderr)
         return 2
     run = Path(argv[0])
-    held = Path(argv[1]) if len(argv) > 1 else Path(__file__).resolve().parent / "prompts" / "heldout.jsonl"
+    held = Path(argv[1]) if len(argv) > 1 else Path(__file__).resolve().parents[1] / "prompts" / "heldout.jsonl"
     try:
         rows = {r["id"]: r for r in (json.loads(x) for x in held.read_text().splitlines() if x.strip())}
         base = _answers(run / "eval_base.jsonl")

@@ -1,6 +1,6 @@
 """report.py: what a run shows its user: a summary line per stage, each training step's measures,
 the results table, metrics.png, and the held-out answers in AlpacaEval's format."""
-import files
+from machinery import files
 
 
 def ci(m, signed=False):
@@ -33,8 +33,8 @@ def step_log(step, loss, lr, grad_norm, seen, seconds):
 
 # How an iteration's time splits on CPU, relative to the held-out answers' (the evaluation): pi_0's
 # answers are a run's first stage, so they calibrate the others. The ratios are the mean stage
-# times of `make iterate` at the defaults on the CPUs measured in docs/BENCHMARKS.md ("Where an
-# iteration's time goes": they agree within ~10% between an AVX2 and an AVX-512 CPU); each stage
+# times of `make iterate` at the defaults on the CPUs measured in docs/BENCHMARKS.md (the ratios
+# agree closely between an AVX2 and an AVX-512 CPU, though the times do not); each stage
 # is scaled by its work against the defaults' (prompts x K sampled, pairs x epochs trained).
 STAGE_RATIOS = {"generate": 2.5, "pairs": 0.7, "train": 4.9, "evaluate": 1.0}
 AT_DEFAULTS = dict(prompts=96, k=5, epochs=3, eval_prompts=100)

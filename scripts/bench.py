@@ -14,8 +14,8 @@ Every measurement runs in a child process (a training step's peak memory must no
 other stack's), ours and theirs alternate, and the table shows medians over the repeats, so
 the ratio stays fair on a busy machine.
 
-    python bench.py --quick       # small shapes: a few minutes on the embedded SmolLM2-135M on a 2-core CPU
-    python bench.py               # the full run; with CUDA also a Llama-3-8B-shaped model
+    python scripts/bench.py --quick       # small shapes: a few minutes on the embedded SmolLM2-135M on a 2-core CPU
+    python scripts/bench.py               # the full run; with CUDA also a Llama-3-8B-shaped model
 """
 import argparse
 import dataclasses
@@ -31,20 +31,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: its modules
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 import torch  # noqa: E402
 
-import convert  # noqa: E402
 import data  # noqa: E402
-import kernels  # noqa: E402
+import generate  # noqa: E402
 import lora  # noqa: E402
 import model as M  # noqa: E402
 import pipeline  # noqa: E402
 import quant  # noqa: E402
 import sppo  # noqa: E402
+from machinery import convert, kernels  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # the repository root
 LLAMA3_8B = "llama3-8b-random"  # --model value: Llama-3-8B shapes, random weights (GPU only)
 
 
@@ -114,7 +115,7 @@ def batch_tensors(b, pairs, pad_id, dev):
     s = train_settings(b)
     ids, resp = data.seq_tensors([p["prompt_ids"] for p in pairs] * 2,
                                  [p["chosen_ids"] for p in pairs] + [p["rejected_ids"] for p in pairs], s, pad_id, dev)
-    attn = torch.arange(ids.shape[1], device=dev)[None] < M.row_ends(resp)[:, None]
+    attn = torch.arange(ids.shape[1], device=dev)[None] < data.row_ends(resp)[:, None]
     return ids, resp, attn
 
 
@@ -142,7 +143,7 @@ def load_ours(b, dev, quantized):
         return random_ours(dev, quantized)
     if quantized:
         return quant.quantize_model(model_dir(b), pipeline.compute_dtype(dev), dev)
-    return M.load_model(model_dir(b), pipeline.compute_dtype(dev), dev)
+    return kernels.use_onednn(M.load_model(model_dir(b), pipeline.compute_dtype(dev), dev))
 
 
 def bnb_config(dev):
@@ -192,7 +193,7 @@ def train_ours(b, dev):
     pairs, s = make_pairs(b, vocab, pad), train_settings(b)
 
     def step():  # sppo.train's inner loop, micro-batch = the whole batch
-        sppo.train_step(functools.partial(M.sequence_logps, m), pairs, s, pad, dev)[0].backward()
+        sppo.train_step(functools.partial(data.sequence_logps, m), pairs, s, pad, dev)[0].backward()
         torch.nn.utils.clip_grad_norm_(params, s.clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -293,7 +294,7 @@ def peak_mib(dev):
 def score_ours(m, ids, seg):
     """As sppo.make_pairs scores: pair rows. -> chosen then rejected, as theirs."""
     with torch.no_grad():
-        return M.sequence_logps(m, ids, seg).T.reshape(-1)
+        return data.sequence_logps(m, ids, seg).T.reshape(-1)
 
 
 def score_theirs(m, ids, resp, attn):
@@ -302,7 +303,7 @@ def score_theirs(m, ids, resp, attn):
 
 
 def sample_ours(b, m, prompts, pad):
-    out = M.generate(m, prompts, b.gen_tokens, b.temperature, b.top_p, stop_ids=(), seed=b.seed, pad_id=pad)
+    out = generate.generate(m, prompts, b.gen_tokens, b.temperature, b.top_p, stop_ids=(), seed=b.seed, pad_id=pad)
     return sum(map(len, out))
 
 
@@ -493,7 +494,7 @@ def measure(b, dev, log=print, run=child):
     return rows, inf
 
 
-TARGETS = {"training step, tokens/s": (">=", 1.5), "training step, peak memory MiB": ("<=", 0.6),  # issue 18's
+TARGETS = {"training step, tokens/s": (">=", 1.5), "training step, peak memory MiB": ("<=", 0.6),  # the project's
            "reference scoring, tokens/s": (">=", 1.5), "sampling batch 1, tokens/s": (">=", 1.5),
            "sampling batch 16, tokens/s": (">=", 2.0)}
 

@@ -1,8 +1,8 @@
 """kernels.py: the model's products on CPU in float32 (and NF4's in bf16), through oneDNN instead of MKL.
 
-Nothing here changes what is computed, only which library multiplies: model.py builds its
-linears as `Linear` and fuses q/k/v and gate/up with `fused_linears` where nothing trains;
-quant.py and lora.py multiply through `linear` / `mm_nt`. On a GPU, in another dtype, or on a
+Nothing here changes what is computed, only which library multiplies: `use_onednn` turns a
+built model's linears into `Linear` and fuses q/k/v and gate/up with `fused_linears` where
+nothing trains; quant.py and lora.py multiply through `linear` / `mm_nt`. On a GPU, in another dtype, or on a
 CPU where the one-time probe (`paths`) finds a oneDNN path missing or wrong, every function
 falls back to F.linear. Also here: what this CPU is (`cpu_description`), for the lines that
 print a time.
@@ -10,6 +10,7 @@ print a time.
 import functools
 import os
 import platform
+import types
 
 import torch
 import torch.nn as nn
@@ -31,7 +32,7 @@ def paths(dtype):
                  or under ONEDNN_MAX_CPU_ISA=AVX2) and equals F.linear's result to rounding;
       "packed"   a weight in oneDNN's blocked layout gives the same product, bit for bit;
       "fused"    one product over stacked weights equals the separate products, bit for bit;
-      "rows"     a row's result does not depend on the other rows of the batch (model.generate_seeds).
+      "rows"     a row's result does not depend on the other rows of the batch (generate.generate_seeds).
     Empty where oneDNN is absent. An unexpected failure counts as a missing path, never an error:
     the plain F.linear path is always there."""
     if not ONEDNN:
@@ -189,3 +190,40 @@ class Linear(nn.Linear):
 
     def forward(self, x):
         return linear(x, self.weight, self)
+
+
+def _fused(key, *names):
+    """A module's method computing its linears `names` on one input: one product where
+    fused_linears applies, else each its own (as the model's own method does)."""
+    def project(self, x):
+        linears = [getattr(self, n) for n in names]
+        return fused_linears(self, key, x, *linears) or tuple(m(x) for m in linears)
+    return project
+
+
+FUSED = {"qkv": _fused("_packed_qkv", "q_proj", "k_proj", "v_proj"),
+         "gate_up": _fused("_packed_gate_up", "gate_proj", "up_proj")}
+
+
+def use_onednn(model):
+    """Apply this file to a built model, from outside, as quant.quantize_model applies 4 bits:
+    every plain bias-free nn.Linear becomes a `Linear` (the same module and parameters, its
+    class swapped), and the modules' qkv / gate_up methods (model.Attention, model.MLP) become
+    one fused product where it applies. Where oneDNN's paths do not hold, `Linear` is F.linear
+    and nothing is fused: applying it is always safe. Returns the model."""
+    for m in model.modules():
+        if type(m) is nn.Linear and m.bias is None:
+            m.__class__ = Linear
+        for name, project in FUSED.items():
+            if callable(getattr(type(m), name, None)):
+                setattr(m, name, types.MethodType(project, m))
+    return model
+
+
+def rows_independent(model):
+    """Whether a row's outputs do not depend on the other rows of the batch: every product of
+    the model through oneDNN on this CPU where its probe found "rows" (the sampler then runs
+    several seeds as one batch, generate.generate_seeds). A plain nn.Linear left anywhere
+    (MKL's F.linear) rules it out."""
+    w = model.embed_tokens.weight
+    return onednn_ok(w, w, path="rows") and not any(type(m) is nn.Linear for m in model.modules())

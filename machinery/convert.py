@@ -17,14 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import files
 import model as M
+from machinery import files
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def cache_dir():
-    return Path(os.environ.get("SPPO_CACHE", Path(__file__).resolve().parent / ".cache"))
+    return Path(os.environ.get("SPPO_CACHE", Path(__file__).resolve().parents[1] / ".cache"))
 
 
 def embedded_gguf_path():

@@ -24,8 +24,7 @@ import time
 import torch
 from tqdm import tqdm
 
-import files
-import parallel
+from machinery import files, parallel
 
 
 class RunError(RuntimeError):

@@ -1,6 +1,6 @@
 """compare.py: the paper's comparison, offline: SPPO against iterative DPO and IPO in the same loop.
 
-    python compare.py [--seed S] [--arms sppo,dpo] [any sppo.py flag ...]     (make compare)
+    python scripts/compare.py [--seed S] [--arms sppo,dpo] [any sppo.py flag ...]     (make compare)
 
 From one pi_0, one prompt split and one set of sampling seeds, sppo.py's loop runs once per loss
 (the paper's Table: SPPO, its single-response variant, iterative DPO and IPO), each an ordinary
@@ -20,9 +20,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import files
-import report
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: its modules
+
 import sppo
+from machinery import files, report
 
 ARMS = ["sppo", "sppo_single", "dpo", "ipo"]
 SHARED = ["eval_base.jsonl", "alpaca_eval/model_outputs.json",
