@@ -7,6 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import convert  # noqa: E402
 import data  # noqa: E402
 import model as M  # noqa: E402
 import vllm_backend  # noqa: E402
@@ -15,7 +16,7 @@ QUESTIONS = ["What is the capital of France?", "Name three colours.", "Write one
 
 
 def test_vllm_greedy_equals_our_greedy_and_sampling_obeys_the_same_settings():
-    d = M.embedded_model_dir()
+    d = convert.embedded_model_dir()
     tok = data.Tokenizer.from_dir(d)
     ids = [tok.encode_chat(q) for q in QUESTIONS]
     ours = M.generate(M.load_model(d), ids, 24, temperature=0, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
