@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -143,6 +144,27 @@ def test_run_folder_made_with_other_settings_is_refused(tiny, tmp_path, capsys):
     assert "settings.json: this run was made with temperature=0.7, not 0.9" in err, err
     assert (run / "settings.json").read_bytes() == before
     assert sorted(p.name for p in run.iterdir()) == ["settings.json"]
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027], ids=["umask0022", "umask0027"])
+def test_every_file_of_a_run_weights_included_has_the_mode_a_plain_open_gets_under_the_umask(tiny, tmp_path, mask):
+    """Weights that only their owner can read stop a vLLM server or a colleague on the same
+    machine: every file of a run, the merged model's and the adapter's safetensors among them,
+    has the mode the OS gives a file made by a plain open() under the same umask, and every
+    folder that of a plain mkdir."""
+    old = os.umask(mask)
+    try:
+        (tmp_path / "plain_file").open("w").close()
+        (tmp_path / "plain_dir").mkdir()
+        sppo.main(args(tiny, tmp_path / "runs"))
+    finally:
+        os.umask(old)
+    want = {False: stat.S_IMODE((tmp_path / "plain_file").stat().st_mode),
+            True: stat.S_IMODE((tmp_path / "plain_dir").stat().st_mode)}
+    run = tmp_path / "runs" / "r"
+    got = {str(p.relative_to(run)): (p.is_dir(), stat.S_IMODE(p.stat().st_mode)) for p in run.rglob("*")}
+    assert {"iter0/model/model.safetensors", "iter0/adapter/adapter_model.safetensors"} <= set(got)
+    assert {k: oct(m) for k, (d, m) in got.items() if m != want[d]} == {}, f"want {oct(want[False])} for files"
 
 
 # ----------------------------------------------------------------------------- training and memory
