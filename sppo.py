@@ -563,6 +563,8 @@ def main(argv=None):
         if not runs.disk_full(e):
             raise
         checks.fail(f"the disk is full ({runs.one_line(e)}): free some space and run the same command again")
+    finally:
+        runs.unlock_run_folder()  # taken in checks.start; a process that dies loses it anyway
 
 
 if __name__ == "__main__":

@@ -205,6 +205,12 @@ def start(s, harmless):
     check_prompts(s, pool, heldout, parts, s.prompts)
     run_dir = Path(s.runs_dir) / s.name
     run_dir.mkdir(parents=True, exist_ok=True)
+    # one run at a time in a folder, before anything in it is written or cleaned. With torchrun rank 0
+    # holds the lock for the whole launch (only it writes) and tells the others, so that a refused
+    # launch stops on every rank instead of leaving them waiting for rank 0 in a collective
+    refused = parallel.share(runs.lock_run_folder(run_dir) if parallel.is_main() else None)
+    if refused:
+        raise runs.RunError(refused)
     runs.check_settings(s, run_dir, harmless)
     if parallel.is_main():  # with torchrun only rank 0 writes, so only it cleans
         runs.remove_leftovers(run_dir)

@@ -3,7 +3,8 @@
 - Atomically: a file or a whole folder is written beside its final name and renamed into
   place (`atomic`), so a reader, or a run resumed after a kill, sees the old version or the
   new one, never half of one. One helper for JSON, JSONL, torch checkpoints, plots, merged
-  models, adapters and the converted embedded model.
+  models, adapters and the converted embedded model. What it writes follows the umask, as a
+  plain open() does, whatever the library that wrote it (`follow_umask`).
 - Appended: stages that save as they go append whole JSON lines and fsync (`append_jsonl`);
   after a kill, `read_jsonl_tolerant` drops the one torn last line and the stage goes on.
 - Read back with `file:line` in every error (`DataError`).
@@ -72,6 +73,7 @@ def atomic(path, folder=False):
         tmp.parent.mkdir(parents=True, exist_ok=True)
     try:
         yield tmp
+        follow_umask(tmp)
         if folder:
             remove(path)  # an older or partial version: the rename needs the name free
         else:
@@ -81,6 +83,28 @@ def atomic(path, folder=False):
         remove(tmp)
         raise
     _fsync(path.parent)
+
+
+def umask():
+    """The process's umask. Linux shows it in /proc (reading it there changes nothing); elsewhere
+    the only way is to set it and put it back."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1], 8) for ln in f if ln.startswith("Umask:"))
+    except (OSError, StopIteration):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+def follow_umask(path):
+    """Give a written file, or every file of a written folder, the mode a plain open() gives
+    under the umask (0644 under 0022). safetensors creates its files 0600 whatever the umask
+    (requirements.txt pins the version this was seen with): a vLLM server or a colleague on the
+    same machine could read every artifact of a run but not its weights."""
+    mode = 0o666 & ~umask()
+    for p in [path] if path.is_file() else [q for q in path.rglob("*") if q.is_file() and not q.is_symlink()]:
+        os.chmod(p, mode)
 
 
 def remove(path):

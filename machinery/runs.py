@@ -8,6 +8,8 @@ trustworthy when a run is killed, resumed, or started with a typo:
 - `resume_point(stage)`: called each time a stage has saved a point it can resume from; tests
   set SPPO_KILL_AT=<stage>:<n> to SIGKILL the run there and prove that it resumes to the same
   result.
+- `lock_run_folder`: one run at a time in a folder; a second start is refused, naming the
+  process that holds it. A killed run's lock goes with it (the kernel drops a flock).
 - `check_settings`: a run folder made with other settings is refused, naming the setting.
 - `remove_leftovers`: temporary files a killed process left behind are removed on resume.
 - `stage`: out of GPU memory in a stage is one line naming the flag to lower, a full disk one
@@ -16,6 +18,7 @@ trustworthy when a run is killed, resumed, or started with a typo:
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import gc
 import json
 import os
@@ -80,6 +83,51 @@ def in_chunks(rows, size, out_path, work, stage, desc, unit, setup=None, per=Non
         files.write_jsonl(out_path, out)
         part.unlink(missing_ok=True)
     return parallel.share(out)
+
+
+LOCK = "lock"  # in the run folder while a run holds it: "<pid> <start time>"
+_held = []  # (fd, path) of the lock this process holds
+
+
+def lock_run_folder(run_dir):
+    """Take the run folder's lock for this process: an exclusive flock on run_dir/lock, with
+    our pid and start time written in it. -> None when taken, or the one-line reason it is not
+    (another process holds it), having written nothing. The kernel drops a flock when its
+    holder dies, however it dies (SIGKILL too), so a killed run's lock file blocks no one: the
+    next start takes it and writes its own pid. unlock_run_folder gives it back."""
+    path = run_dir / LOCK
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # no O_TRUNC: the holder's pid is read below
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid, _, since = os.read(fd, 200).decode("utf-8", "replace").strip().partition(" ")
+            os.close(fd)
+            who = f"pid {pid} (since {since})" if pid else "another process (starting)"
+            return f"{run_dir} is in use by {who}; wait for it to end, or use another --name"
+        # a holder that ended between our open and our flock removed the file (unlock_run_folder):
+        # a lock on a file that is no longer at the path keeps no one out, so take the one that is
+        try:
+            here = os.stat(path)
+            if (here.st_dev, here.st_ino) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()} {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+    _held.append((fd, path))
+    return None
+
+
+def unlock_run_folder():
+    """Give back the lock this process holds (if any). The file goes while the lock is still held,
+    so that a start that opens it from then on makes a new one (lock_run_folder); a run folder
+    that is not in use has no lock file."""
+    while _held:
+        fd, path = _held.pop()
+        path.unlink(missing_ok=True)
+        os.close(fd)  # closing the last descriptor drops the flock
 
 
 def check_settings(s, run, harmless):

@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -142,6 +143,85 @@ def test_run_folder_made_with_other_settings_is_refused(tiny, tmp_path, capsys):
     assert "settings.json: this run was made with temperature=0.7, not 0.9" in err, err
     assert (run / "settings.json").read_bytes() == before
     assert sorted(p.name for p in run.iterdir()) == ["settings.json"]
+
+
+def flocks_of(pid):
+    """The flocks the kernel says `pid` holds (/proc/locks: "1: FLOCK ADVISORY WRITE <pid> ...")."""
+    return [ln for ln in Path("/proc/locks").read_text().splitlines() if ln.split()[1:2] == ["FLOCK"]
+            and ln.split()[4] == str(pid)]
+
+
+LINUX = pytest.mark.skipif(not Path("/proc/locks").exists(), reason="the kernel's list of locks is read from /proc/locks (Linux)")
+
+
+@LINUX
+def test_a_second_start_on_a_locked_run_folder_is_refused_naming_the_holder_and_writes_nothing(tiny, tmp_path, capsys):
+    """Two starts of one command on one run folder (two terminals, a scheduler and a person): the
+    one that comes second is one line naming the holder's pid and start time, exit 2, and not a
+    byte of the folder changes (a leftover of the holder's that a start would clean stays)."""
+    import time
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / ".eval_base.jsonl.tmp123").write_text("the holder is writing this\n")
+    t0 = time.time()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; from machinery import runs; "
+                               "assert runs.lock_run_folder(Path(sys.argv[1])) is None; print('held', flush=True); "
+                               "time.sleep(60)", str(run)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        t1 = time.time()
+        assert flocks_of(holder.pid), "the kernel must list the holder's flock"
+        before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.rglob("*")}
+        err = fails(capsys, args(tiny, tmp_path / "runs"))
+        assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.rglob("*")} == before
+        assert err.startswith(f"error: {run} is in use by pid {holder.pid} (since "), err
+        since = time.mktime(time.strptime(err.split("(since ")[1].split(")")[0], "%Y-%m-%d %H:%M:%S"))
+        assert int(t0) - 1 <= since <= t1 + 1, err
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@LINUX
+def test_a_run_killed_with_sigkill_does_not_block_the_next_start_and_a_run_gives_its_lock_back(tiny, tmp_path, capsys):
+    """SIGKILL leaves the lock file behind (nothing runs at a SIGKILL), but the kernel dropped the
+    dead process's flock: the next start goes on. A start that fails after taking the lock (other
+    settings) and a run that finishes both give it back: the kernel lists no flock of this process
+    and the folder keeps no lock file."""
+    env = dict(os.environ, SPPO_KILL_AT="generate:1")
+    killed = subprocess.Popen([sys.executable, str(ROOT / "sppo.py"), *args(tiny, tmp_path / "runs")], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    stderr = killed.communicate(timeout=300)[1]
+    assert killed.returncode == -9, stderr[-2000:]
+    run = tmp_path / "runs" / "r"
+    assert (run / runs.LOCK).read_text().split()[0] == str(killed.pid)  # the dead holder's pid is still there
+    err = fails(capsys, args(tiny, tmp_path / "runs", temperature=0.9))
+    assert "settings.json: this run was made with temperature=0.7" in err, err  # past the lock
+    assert not flocks_of(os.getpid()) and not (run / runs.LOCK).exists()
+    sppo.main(args(tiny, tmp_path / "runs"))
+    assert (run / "summary.md").exists()
+    assert not flocks_of(os.getpid()) and not (run / runs.LOCK).exists()
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027], ids=["umask0022", "umask0027"])
+def test_every_file_of_a_run_weights_included_has_the_mode_a_plain_open_gets_under_the_umask(tiny, tmp_path, mask):
+    """Weights that only their owner can read stop a vLLM server or a colleague on the same
+    machine: every file of a run, the merged model's and the adapter's safetensors among them,
+    has the mode the OS gives a file made by a plain open() under the same umask, and every
+    folder that of a plain mkdir."""
+    old = os.umask(mask)
+    try:
+        (tmp_path / "plain_file").open("w").close()
+        (tmp_path / "plain_dir").mkdir()
+        sppo.main(args(tiny, tmp_path / "runs"))
+    finally:
+        os.umask(old)
+    want = {False: stat.S_IMODE((tmp_path / "plain_file").stat().st_mode),
+            True: stat.S_IMODE((tmp_path / "plain_dir").stat().st_mode)}
+    run = tmp_path / "runs" / "r"
+    got = {str(p.relative_to(run)): (p.is_dir(), stat.S_IMODE(p.stat().st_mode)) for p in run.rglob("*")}
+    assert {"iter0/model/model.safetensors", "iter0/adapter/adapter_model.safetensors"} <= set(got)
+    assert {k: oct(m) for k, (d, m) in got.items() if m != want[d]} == {}, f"want {oct(want[False])} for files"
 
 
 # ----------------------------------------------------------------------------- training and memory

@@ -73,3 +73,27 @@ def test_two_ranks_killed_and_resumed_equal_one_process(tmp_path):
         assert (ma[k] - mb[k]).abs().max() <= 1e-5, k
     ea, eb = (json.loads((r / "iter0/eval.json").read_text()) for r in (one, two))
     assert ea["win_rate"] == eb["win_rate"] and ea["n_eval"] == eb["n_eval"] == 4
+    assert not (two / "lock").exists()  # rank 0 gave the run folder's lock back
+
+
+def test_a_launch_on_a_locked_run_folder_is_refused_on_every_rank(tmp_path):
+    """Rank 0 takes the run folder's lock for the whole launch and tells the others: on a folder
+    another process holds, every rank stops with the one line (none waits for rank 0 in a
+    collective), and the folder is as it was."""
+    make_tiny_chat_model(tmp_path / "model")
+    run = tmp_path / "w" / "r"
+    run.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; from machinery import runs; "
+                               "assert runs.lock_run_folder(Path(sys.argv[1])) is None; print('held', flush=True); "
+                               "time.sleep(120)", str(run)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        before = sorted(run.iterdir())
+        r = launch(run_args(tmp_path, tmp_path / "w") + ARGS, 2)
+        assert r.returncode != 0
+        refused = [ln for ln in r.stderr.splitlines() if ln.startswith(f"error: {run} is in use by pid {holder.pid} ")]
+        assert len(refused) == 2, r.stderr[-4000:]  # one line from each rank
+        assert sorted(run.iterdir()) == before
+    finally:
+        holder.kill()
+        holder.wait()
