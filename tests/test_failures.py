@@ -277,7 +277,7 @@ def test_out_of_gpu_memory_names_the_flag_to_lower(tiny, tmp_path, capsys, monke
                                                   for r in rows]
     monkeypatch.setattr(sppo, "sample", oom if stage == "sample" else answers)
     monkeypatch.setattr(sppo, "judge_responses", lambda s, tok, rows, *a: [{"id": r["id"]} for r in rows])
-    monkeypatch.setattr(sppo, "make_pairs", lambda *a: [])
+    monkeypatch.setattr(sppo, "make_pairs", lambda *a, **k: [])
     monkeypatch.setattr(sppo, "train", oom)
     err = fails(capsys, args(tiny, tmp_path / "runs"))
     where = "base generate" if stage == "sample" else "iter 0 train"
