@@ -82,7 +82,7 @@ class Settings:
     pairrm_backbone: str = opt("", "local folder of microsoft/deberta-v3-large, PairRM's backbone (for --judge pairrm)")
     pairrm_mode: str = opt("scores", "PairRM mode: scores (the paper's) or pairwise", choices=["scores", "pairwise"])
     judge_model: str = opt("", "local HF folder of the judging LM (for --judge llm)")
-    judge_batch: int = opt(16, "judge batch size")
+    judge_batch: int = opt(16, "prompts per judge call (the resume chunk); PairRM runs this many comparisons per forward")
     tau: float = opt(0.1, "verifiable judge temperature: P = sigmoid((r_i - r_j) / tau)")
     # 3-4. the update
     loss: str = opt("sppo", "loss: sppo (the paper's), sppo_single, dpo, ipo", choices=["sppo", "sppo_single", "dpo", "ipo"])
