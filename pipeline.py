@@ -373,15 +373,15 @@ def random_model(cfg: M.Config, devices, bounds, compute_dtype, lora_r=16, seed=
     return m.eval()
 
 
-def check(cfg: M.Config, devices, w: Workload, micro_batches=2, steps=3):
+def check(cfg: M.Config, devices, w: Workload, micro_batches=2, steps=3, caps=None):
     """Train a random NF4 + LoRA model of cfg's shapes split over devices, as sppo.train does
     (pipelined forward, loss on response positions, backward, AdamW), and print each device's
-    measured peak beside the plan's estimate, and the training tokens/s."""
+    measured peak beside the plan's estimate, and the training tokens/s. caps: as plan's."""
     import time
     dev = torch.device(devices[0])
     cuda, dtype = dev.type == "cuda", compute_dtype(dev)
     w.compute_bytes = torch.finfo(dtype).bits // 8
-    bounds, rows = plan(cfg, devices, w)
+    bounds, rows = plan(cfg, devices, w, caps)
     m = random_model(cfg, devices, bounds, dtype, w.lora_r)
     m.grad_ckpt = w.grad_ckpt
     params = list(lora.lora_params(m).values())
