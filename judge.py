@@ -300,7 +300,9 @@ class VerifiableJudge:
 
 
 class PairRMJudge:
-    """PairRM through llm-blender's own code, loaded from local folders only.
+    """PairRM loaded by llm-blender's own code from local folders only, and fed its comparisons
+    by ours (`comparisons`: the same numbers as llm-blender's rank(batch_size=1), in length-sorted
+    batches padded only to each batch's longest row).
 
     Put the weights on disk once (any machine with internet):
 
@@ -327,10 +329,11 @@ class PairRMJudge:
     Prompts: the reference SPPO rank.py feeds PairRM the prompt rendered with the
     policy's chat template. Pass rendered strings, or raw ones plus render=fn.
 
-    mode="scores"   (the paper's) s = blender.rank(..., return_scores=True),
-                    P[i][j] = sigmoid(s_i - s_j).
+    mode="scores"   (the paper's) s = blender.rank(..., return_scores=True), i.e.
+                    s_i = mean_j (C[i][j] - C[j][i]), P[i][j] = sigmoid(s_i - s_j).
     mode="pairwise" C[i][j] = PairRM logit that y_i beats y_j with y_i shown first,
                     P[i][j] = sigmoid((C[i][j] - C[j][i]) / 2)  (position-debiased).
+    batch_size: comparison rows per forward (K (K - 1) rows per prompt).
     """
 
     def __init__(self, ranker_dir, mode="scores", batch_size=8, device=None, backbone_dir=None,
@@ -371,22 +374,67 @@ class PairRMJudge:
         prompts, candidates = list(prompts), [list(c) for c in candidates]
         k = len(candidates[0])
         assert all(len(c) == k for c in candidates), "PairRM needs the same K for every prompt"
+        C = self.comparisons(prompts, candidates)
         if self.mode == "scores":
-            s = self.blender.rank(prompts, candidates, return_scores=True,
-                                  batch_size=self.batch_size, disable_tqdm=True)
-            s = np.asarray(s, dtype=np.float64)
-            return [prob_matrix(lambda i, j: sigmoid(sn[i] - sn[j]), k) for sn in s]
-        # pairwise: every ordered pair (i, j), i != j, of every prompt in one compare() call
-        pairs = [(n, i, j) for n in range(len(prompts)) for i in range(k) for j in range(k) if i != j]
-        logits = self.blender.compare(
-            [prompts[n] for n, _, _ in pairs],
-            [candidates[n][i] for n, i, _ in pairs],
-            [candidates[n][j] for n, _, j in pairs],
-            batch_size=self.batch_size, return_logits=True, mode="[A,B]", disable_tqdm=True)
-        C = np.zeros((len(prompts), k, k))
-        for (n, i, j), c in zip(pairs, np.asarray(logits, dtype=np.float64)):
-            C[n, i, j] = c
-        return [prob_matrix(lambda i, j: sigmoid((Cn[i, j] - Cn[j, i]) / 2), k) for Cn in C]
+            # llm-blender's rank() score (get_scores_from_cmps): s_i = mean_j (C[i][j] - C[j][i])
+            scores = [(Cn - Cn.T).mean(axis=1) for Cn in C]
+            return [prob_matrix(lambda i, j, sn=sn: sigmoid(sn[i] - sn[j]), k) for sn in scores]
+        return [prob_matrix(lambda i, j, Cn=Cn: sigmoid((Cn[i, j] - Cn[j, i]) / 2), k) for Cn in C]
+
+    def comparisons(self, prompts, candidates):
+        """C[n][i][j] = PairRM's logit that candidates[n][i], shown first, beats candidates[n][j]
+        (i != j), what llm-blender's rank() and compare(mode="[A,B]") compute, fed the fast way.
+
+        Each prompt is tokenized by llm-blender's own collator, alone, as rank(batch_size=1) does
+        (in a batch of prompts it would cut candidates to a length set by the batch's longest
+        prompt, so a prompt's P would depend on its neighbours). Each ordered pair is then one
+        row, [source][candidate 1][candidate 2] as CrossCompareReranker._forward lays it out; the
+        rows of the whole call are sorted by length and run batch_size at a time, padded at the end
+        only to their batch's longest (a padded key gets no attention weight; DeBERTa's relative
+        positions do not depend on the row's length), so batching changes nothing but rounding.
+        On CUDA the ranker runs in half precision: fp16 where llm-blender halved it, bf16 autocast otherwise."""
+        import torch
+        ranker, collate = self.blender.ranker, self.blender.ranker_collator
+        tok = ranker.tokenizer
+        rows = []  # (n, i, j, token ids, positions of the source's and both candidates' prefixes)
+        for n, (prompt, cands) in enumerate(zip(prompts, candidates)):
+            b = collate([{"index": 0, "source": prompt, "candidates": cands}])
+            src = real_tokens(b["source_ids"][0], ranker.sep_token_id)
+            cand = [real_tokens(c, ranker.sep_token_id) for c in b["candidate_ids"][0]]
+            for i in range(len(cands)):
+                for j in range(len(cands)):
+                    if i != j:
+                        one = [tok.cand1_prefix_id if t == tok.cand_prefix_id else t for t in cand[i]]
+                        two = [tok.cand2_prefix_id if t == tok.cand_prefix_id else t for t in cand[j]]
+                        at = (src.index(tok.source_prefix_id), len(src) + one.index(tok.cand1_prefix_id),
+                              len(src) + len(one) + two.index(tok.cand2_prefix_id))
+                        rows.append((n, i, j, src + one + two, at))
+        rows.sort(key=lambda r: -len(r[3]))  # longest first: an out-of-memory shows at once
+        p = next(ranker.parameters())
+        amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=p.is_cuda and p.dtype == torch.float32)
+        C = np.zeros((len(prompts), len(candidates[0]), len(candidates[0])))
+        with torch.no_grad(), amp:
+            for b in range(0, len(rows), self.batch_size):
+                chunk = rows[b:b + self.batch_size]
+                T = len(chunk[0][3])
+                ids = torch.full((len(chunk), T), tok.pad_token_id, dtype=torch.long)
+                mask = torch.zeros((len(chunk), T), dtype=torch.long)
+                for r, (_, _, _, seq, _) in enumerate(chunk):
+                    ids[r, :len(seq)] = torch.tensor(seq)
+                    mask[r, :len(seq)] = 1
+                h = ranker.pretrained_model(input_ids=ids.to(p.device), attention_mask=mask.to(p.device)).last_hidden_state
+                at = torch.tensor([r[4] for r in chunk], device=p.device)
+                rr = torch.arange(len(chunk), device=p.device)
+                left, right, _ = ranker.reduce(h[rr, at[:, 0]], h[rr, at[:, 1]], h[rr, at[:, 2]])
+                for (n, i, j, _, _), c in zip(chunk, (left - right).mean(dim=-1).float().cpu().tolist()):
+                    C[n, i, j] = c
+        return C
+
+
+def real_tokens(ids, sep_id):
+    """A collated row's tokens up to its last separator (what follows is padding), as a list."""
+    ids = ids.tolist()
+    return ids[:len(ids) - ids[::-1].index(sep_id)]
 
 
 def pairrm_paths_problem(ranker_dir, backbone_dir=None):
@@ -405,6 +453,91 @@ def pairrm_paths_problem(ranker_dir, backbone_dir=None):
         if not os.path.isdir(backbone_dir):
             return f"--pairrm-backbone {backbone_dir}: folder not found"
     return None
+
+
+# PairRM-shaped rankers with random weights, built on the spot (nothing downloaded), saved as
+# the two folders --pairrm-dir and --pairrm-backbone name: "tiny" for the tests, "large" at
+# PairRM's real size for bench.py and gpu_check.py (DeBERTa-v3-large's configuration, a
+# 128,000-piece vocabulary as deberta-v3's, PairRM's input lengths 1224 / 412).
+PAIRRM_SHAPES = {
+    "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, position_buckets=32,
+                 initializer_range=0.5,  # peaky attention so content matters
+                 pieces=200, source_maxlength=64, candidate_maxlength=32, fp16=False),
+    "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                  position_buckets=256, initializer_range=0.02, pieces=128_000, source_maxlength=1224,
+                  candidate_maxlength=412, fp16=True),
+}
+PAIRRM_TEXT = """
+the river runs past the old mill and the children watch the boats go by in the morning light
+a small dog sleeps under the kitchen table while rain taps on the window all afternoon
+write a short poem about the sea and the wind and the bright stars over the quiet harbor
+please answer the question in a few simple words and do not use any commas at all
+bread rises in a warm oven and the whole house smells sweet and safe on a cold day
+my friend planted green beans tomatoes and sunflowers in the garden behind the school
+the moon is made of rock and dust and it pulls the ocean tides up and down each day
+bees carry nectar home to the hive where they turn it into honey for the long winter
+start your answer with the word yes and end it with a question for the reader
+a good neighbor helps carry heavy bags shares tools and says hello every single morning
+trains cross the long bridge at night with their lights shining on the dark water below
+learning a new language takes practice patience and a little courage to make mistakes
+the museum keeps old maps keys clocks and letters that tell the history of the town
+"""
+
+
+def build_pairrm(root, shape="tiny", seed=0):
+    """A random PairRM of PAIRRM_SHAPES[shape] under root: -> (ranker folder, backbone folder).
+    The backbone folder holds a DeBERTa-v2 model and its sentencepiece tokenizer, trained here on
+    PAIRRM_TEXT (deberta-v3's layout: [PAD]=0 [CLS]=1 [SEP]=2 [UNK]=3, [MASK] added); "large"
+    pads the vocabulary to 128,000 pieces that never match (the embedding at its real size).
+    The ranker folder holds llm-blender's config.json (model_name the hub's id, as PairRM's: the
+    judge's backbone_dir points it here) and the full state dict of llm-blender's own
+    CrossCompareReranker, its head drawn with a scale that makes P differ from 1/2."""
+    import math
+    from pathlib import Path
+
+    import sentencepiece as spm
+    import torch
+    from llm_blender.blender.blender_utils import load_ranker
+    from llm_blender.pair_ranker.config import RankerConfig
+    from sentencepiece import sentencepiece_model_pb2
+    from transformers import DebertaV2Config, DebertaV2Model, DebertaV2Tokenizer
+
+    z = dict(PAIRRM_SHAPES[shape])
+    root = Path(root)
+    backbone, ranker = root / "backbone", root / "ranker"
+    backbone.mkdir(parents=True, exist_ok=True)
+    ranker.mkdir(exist_ok=True)
+    lines = PAIRRM_TEXT.strip().split("\n") * 3
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(root / "spm"), vocab_size=200, hard_vocab_limit=False,
+        pad_id=0, bos_id=1, eos_id=2, unk_id=3, pad_piece="[PAD]", bos_piece="[CLS]", eos_piece="[SEP]",
+        unk_piece="[UNK]", user_defined_symbols=["[MASK]"], minloglevel=2)
+    if z["pieces"] > 200:
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString((root / "spm.model").read_bytes())
+        for n in range(z["pieces"] - len(proto.pieces)):  # pieces no text here contains, scored to lose
+            proto.pieces.add(piece=f"\u2581\u00b6{n:06d}", score=-1e4)
+        (root / "spm.model").write_bytes(proto.SerializeToString())
+    tok = DebertaV2Tokenizer(vocab_file=str(root / "spm.model"))
+    tok.save_pretrained(backbone)
+    torch.manual_seed(seed)
+    cfg = DebertaV2Config(vocab_size=len(tok), hidden_size=z["hidden_size"], num_hidden_layers=z["num_hidden_layers"],
+                          num_attention_heads=z["num_attention_heads"], intermediate_size=z["intermediate_size"],
+                          max_position_embeddings=512, relative_attention=True, position_buckets=z["position_buckets"],
+                          pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm", share_att_key=True,
+                          position_biased_input=False, pad_token_id=0, type_vocab_size=0, layer_norm_eps=1e-7,
+                          initializer_range=z["initializer_range"])
+    DebertaV2Model(cfg).save_pretrained(backbone)
+    config = {"ranker_type": "pairranker", "model_type": "deberta", "model_name": str(backbone),
+              "source_maxlength": z["source_maxlength"], "candidate_maxlength": z["candidate_maxlength"], "n_tasks": 1,
+              "drop_out": 0.05, "inference_mode": "bubble", "fp16": z["fp16"], "device": "cpu"}
+    model, _, _ = load_ranker(RankerConfig.from_dict(config))
+    with torch.no_grad():  # default init gives scores ~1e-6, all P ~ 0.5: scale the head up
+        for p in model.head_layer.parameters():
+            p.normal_(0.0, 2.0 / math.sqrt(p.shape[-1]))
+    torch.save(model.state_dict(), ranker / "pytorch_model.bin")
+    (ranker / "config.json").write_text(json.dumps({**config, "model_name": "microsoft/deberta-v3-large"}))
+    return ranker, backbone
 
 
 # -----------------------------------------------------------------------------

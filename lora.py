@@ -159,8 +159,17 @@ def merge_lora(src_dir, lora_model, out_dir, dtype=None, on_shard=None):
 
 
 def merged_bytes(src_dir, dtype=None):
-    """Bytes merge_lora writes for src_dir's checkpoint, from the shards' headers alone."""
+    """Bytes merge_lora writes for src_dir's checkpoint, from the shards' headers alone; in a
+    folder with config.json but no weights (`--plan` for a model not downloaded yet), from the
+    config's shapes in its torch_dtype (transformers' default float32 when it names none)."""
     from safetensors import safe_open
+    src_dir = Path(src_dir)
+    if not any((src_dir / f).exists() for f in ("model.safetensors", "model.safetensors.index.json")):
+        with torch.device("meta"):
+            n = sum(p.numel() for p in M.create(M.Config.from_hf(src_dir)).parameters())  # a tied head once
+        named = M.read_json_object(src_dir / "config.json")
+        named = named.get("torch_dtype") or named.get("dtype")
+        return n * torch.finfo(dtype or CONFIG_DTYPES.get(named, torch.float32)).bits // 8
     n = 0
     for file in loader.checkpoint_files(src_dir):
         with safe_open(str(file), framework="pt") as f:
@@ -171,6 +180,7 @@ def merged_bytes(src_dir, dtype=None):
     return n
 
 
+CONFIG_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 

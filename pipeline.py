@@ -33,6 +33,10 @@ GiB = 2 ** 30
 # from `make gpu-check` on the first card it ran on (docs/BENCHMARKS.md has the run).
 CONTEXT = 0.75 * GiB  # each CUDA device, before any tensor
 CACHE_SLACK = 0.3     # on the bytes that come and go
+# GiB per card for `--plan --card NAME`, so a plan can be made for cards this machine does not
+# have: the memory each is sold with. The card itself reports a little less to torch (the plan on
+# the card reads that), so a plan that fits with only a few percent to spare is worth --device-mem.
+CARDS = {"3090": 24, "4090": 24, "a100-40": 40, "a100-80": 80, "h100": 80, "h200": 141}
 
 
 # ----------------------------------------------------------------------------- placement
@@ -58,7 +62,8 @@ def autocast(dev, on=None):
 def run_plan(s, path):
     """(split bounds, per-device rows) for a run's flags: --devices, or its one device as one stage."""
     devices = s.devices.split(",") if s.devices else [str(device_of(s))]
-    caps = [s.device_mem * GiB] * len(devices) if s.device_mem else None
+    gib = s.device_mem or CARDS.get(s.card, 0)
+    caps = [gib * GiB] * len(devices) if gib else None
     return plan(M.Config.from_hf(path), devices, workload(s, torch.finfo(compute_dtype(device_of(s))).bits // 8), caps)
 
 
@@ -305,10 +310,21 @@ def print_plan(rows, errors=True):
     return not plan_problems(rows)
 
 
+# what to lower when a phase does not fit, named with the flags that set its size
+PHASE_FLAGS = {"train": "lower --batch-size or --max-len, or add --grad-ckpt",
+               "sample": "lower --gen-batch and --eval-batch, or --max-new-tokens or --max-prompt-len"}
+
+
 def plan_problems(rows):
-    return [f"{r['device']} needs {max(r['train'], r['sample']) / GiB:.1f} GiB of {r['capacity'] / GiB:.1f} GiB; lower "
-            f"--batch-size or --max-len, add --grad-ckpt, or add a device to --devices "
-            f"(sampling: lower --gen-batch or --max-new-tokens)" for r in rows if max(r["train"], r["sample"]) > r["capacity"]]
+    """One message per device that does not fit, naming the phase and the flags that size it."""
+    out = []
+    for r in rows:
+        over = [ph for ph in ("train", "sample") if r[ph] > r["capacity"]]
+        if over:
+            what = " and ".join(f"{'training' if ph == 'train' else 'sampling'} {r[ph] / GiB:.1f} GiB" for ph in over)
+            out.append(f"{r['device']} needs {what} of its {r['capacity'] / GiB:.1f} GiB: "
+                       + "; ".join(PHASE_FLAGS[ph] for ph in over) + ", or add a device to --devices")
+    return out
 
 
 # ----------------------------------------------------------------------------- measured vs planned
@@ -349,15 +365,15 @@ def random_model(cfg: M.Config, devices, bounds, compute_dtype, lora_r=16, seed=
     return m.eval()
 
 
-def check(cfg: M.Config, devices, w: Workload, micro_batches=2, steps=3):
+def check(cfg: M.Config, devices, w: Workload, micro_batches=2, steps=3, caps=None):
     """Train a random NF4 + LoRA model of cfg's shapes split over devices, as sppo.train does
     (pipelined forward, loss on response positions, backward, AdamW), and print each device's
-    measured peak beside the plan's estimate, and the training tokens/s."""
+    measured peak beside the plan's estimate, and the training tokens/s. caps: as plan's."""
     import time
     dev = torch.device(devices[0])
     cuda, dtype = dev.type == "cuda", compute_dtype(dev)
     w.compute_bytes = torch.finfo(dtype).bits // 8
-    bounds, rows = plan(cfg, devices, w)
+    bounds, rows = plan(cfg, devices, w, caps)
     m = random_model(cfg, devices, bounds, dtype, w.lora_r)
     m.grad_ckpt = w.grad_ckpt
     params = list(lora.lora_params(m).values())

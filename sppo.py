@@ -77,7 +77,7 @@ class Settings:
     pairrm_backbone: str = opt("", "local folder of microsoft/deberta-v3-large, PairRM's backbone (for --judge pairrm)")
     pairrm_mode: str = opt("scores", "PairRM mode: scores (the paper's) or pairwise", choices=["scores", "pairwise"])
     judge_model: str = opt("", "local HF folder of the judging LM (for --judge llm)")
-    judge_batch: int = opt(16, "judge batch size")
+    judge_batch: int = opt(16, "prompts per judge call (the resume chunk); PairRM runs this many comparisons per forward")
     tau: float = opt(0.1, "verifiable judge temperature: P = sigmoid((r_i - r_j) / tau)")
     # 3-4. the update
     loss: str = opt("sppo", "loss: sppo (the paper's), sppo_single, dpo, ipo", choices=["sppo", "sppo_single", "dpo", "ipo"])
@@ -108,6 +108,8 @@ class Settings:
     micro_batches: int = opt(1, "GPipe micro-batches per training/scoring batch, so split devices work at once")
     plan: bool = opt(False, "print the memory each device needs for these settings and stop, before loading anything")
     device_mem: float = opt(0.0, "GiB per device for the plan (0 = each CUDA device's total; 24 otherwise)")
+    card: str = opt("", "for --plan on a machine without the cards: the card each device of --devices is, its memory "
+                    "from a table (3090, 4090: 24 GiB; a100-40; a100-80, h100: 80; h200: 141); reads config.json only")
     report_to: str = opt("none", "also send the training metrics to: tensorboard (event files under runs/<name>/tensorboard) "
                          "or wandb (needs `pip install wandb`; offline with WANDB_MODE=offline)",
                          choices=["none", "tensorboard", "wandb"])
@@ -115,7 +117,7 @@ class Settings:
                             "16 GB per iteration, not float32's 32)", choices=["auto", "float32", "bfloat16", "float16"])
 
     # Settings that change no artifact: a run may be resumed with other values.
-    HARMLESS = ("name", "runs_dir", "device", "devices", "micro_batches", "plan", "device_mem", "judge_batch",
+    HARMLESS = ("name", "runs_dir", "device", "devices", "micro_batches", "plan", "device_mem", "card", "judge_batch",
                 "vllm_memory", "vllm_tp", "report_to")
 
 

@@ -103,6 +103,13 @@ def check_flags(s):
         raise FlagError(f"--beta is not used by --loss {s.loss} (its strength is --eta)")
     if s.loss not in SPPO_LOSSES and s.eta != default["eta"]:
         raise FlagError(f"--eta is not used by --loss {s.loss} (its strength is --beta)")
+    if s.card and s.card not in pipeline.CARDS:
+        raise FlagError(f"--card: unknown card {s.card!r} (known: {', '.join(pipeline.CARDS)}; "
+                        "or give the memory itself, --device-mem GiB)")
+    if s.card and s.device_mem:
+        raise FlagError(f"--card {s.card} and --device-mem {s.device_mem:g} both give each device's memory; give one")
+    if s.card and not s.plan:
+        raise FlagError("--card is for --plan (a run plans with each card's own memory)")
     check_devices(s)
     check_nf4_compute(s)
     check_judge(s)
@@ -116,7 +123,9 @@ def check_flags(s):
 
 def check_devices(s):
     """--device and every entry of --devices name a device this machine has (cpu, or cuda[:i]
-    with i below the number of visible cards)."""
+    with i below the number of visible cards). `--plan` with the cards' memory given (--card or
+    --device-mem) plans for cards this machine need not have: it loads nothing onto them."""
+    elsewhere = s.plan and bool(s.card or s.device_mem)
     for name, value in (("device", s.device), *(("devices", d) for d in s.devices.split(",") if s.devices)):
         if name == "device" and not value:
             continue
@@ -126,9 +135,12 @@ def check_devices(s):
             raise FlagError(f"{flag(name)}: {value!r} is not a device (cpu, cuda or cuda:<index>)") from None
         if d.type not in ("cpu", "cuda"):
             raise FlagError(f"{flag(name)}: {value!r} is not supported (cpu, cuda or cuda:<index>)")
+        if d.type == "cuda" and elsewhere:
+            continue
         if d.type == "cuda" and not torch.cuda.is_available():
             raise FlagError(f"{flag(name)}: {value} asked for, but this torch sees no CUDA device "
-                            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda is not None})")
+                            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda is not None})"
+                            + ("; to plan for cards this machine lacks, add --card NAME or --device-mem GiB" if s.plan else ""))
         if d.type == "cuda" and (d.index or 0) >= torch.cuda.device_count():
             raise FlagError(f"{flag(name)}: {value} asked for, but only {torch.cuda.device_count()} CUDA device(s) "
                             f"are visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
@@ -185,12 +197,14 @@ def start(s, harmless):
     cuda = any(torch.device(d).type == "cuda" for d in devices)
     if s.plan or s.devices or cuda:
         _, rows = pipeline.run_plan(s, base_dir)
-        fits = pipeline.print_plan(rows, errors=s.plan)
+        fits = pipeline.print_plan(rows, errors=False)
         each = lora.merged_bytes(base_dir, None if s.merged_dtype == "auto" else getattr(torch, s.merged_dtype))
         print(f"disk: each merged pi_(t+1) {report.size(each)} (--merged-dtype {s.merged_dtype}), {s.iters} iterations "
               f"{report.size(s.iters * each)} under {Path(s.runs_dir) / s.name} (adapters and JSONL files: a few MB more)")
+        if s.plan and not fits:  # the table above, then one line naming what to lower
+            raise FlagError("; ".join(pipeline.plan_problems(rows)))
         if s.plan:
-            sys.exit(0 if fits else 2)
+            sys.exit(0)
         if not fits and cuda:
             raise runs.RunError(pipeline.plan_problems(rows)[0] + " (the plan above; --plan prints it alone)")
     M.Config.from_hf(base_dir)

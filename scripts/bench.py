@@ -9,13 +9,17 @@ transformers' generate. Same model, same data, same dtype, same threads. Rows:
   scoring         reference log-probs (no grad, sum over response tokens); tokens/s
   (both count the tokens of prompt + chosen and prompt + rejected; ours runs each prompt once)
   sampling        tokens/s at batch 1 and 16, temperature/top-p sampling, no early stop
+  PairRM          prompts/s judged at K=5 by a PairRM of its real size with random weights
+                  (judge.build_pairrm "large"): our judge against llm-blender's rank(batch_size=1),
+                  as the SPPO authors' rank.py calls it; both give the same P
 
 Every measurement runs in a child process (a training step's peak memory must not include the
 other stack's), ours and theirs alternate, and the table shows medians over the repeats, so
 the ratio stays fair on a busy machine.
 
-    python scripts/bench.py --quick       # small shapes: a few minutes on the embedded SmolLM2-135M on a 2-core CPU
+    python scripts/bench.py --quick       # small shapes, on the embedded SmolLM2-135M
     python scripts/bench.py               # the full run; with CUDA also a Llama-3-8B-shaped model
+    python scripts/bench.py --quick --pairrm-only   # the PairRM row alone, 2 prompts
 """
 import argparse
 import dataclasses
@@ -67,6 +71,8 @@ class Bench:
     seed: int = 0
     grad_ckpt: bool = False    # gradient checkpointing per block, in both stacks
     split: bool = False        # each stack's inference in its own process (two 8B models do not fit one card)
+    pairrm_prompts: int = 8    # prompts of K=5 answers in the PairRM row (0: no PairRM row)
+    pairrm_shape: str = "large"  # judge.PAIRRM_SHAPES: PairRM's real size ("tiny" in the tests)
 
 
 def for_24gb(b: Bench) -> Bench:
@@ -78,7 +84,7 @@ def for_24gb(b: Bench) -> Bench:
 
 def quick(b: Bench) -> Bench:
     """A minute or two on a quiet 2-core CPU: the shapes shrink, so the ratios are indicative only."""
-    return dataclasses.replace(b, rows=1, seq_len=128, gen_tokens=16, steps=1, repeats=2, train_rounds=1)
+    return dataclasses.replace(b, rows=1, seq_len=128, gen_tokens=16, steps=1, repeats=2, train_rounds=1, pairrm_prompts=2)
 
 
 def device_of(b):
@@ -437,6 +443,67 @@ def random_theirs(dev, quantized):
     return m.eval()
 
 
+# ----------------------------------------------------------------------------- PairRM at its real size
+
+PAIRRM_K = 5
+
+
+def pairrm_dir(shape):
+    """A random PairRM of that shape (judge.build_pairrm), built once under the cache (large: 3.4 GB)."""
+    import judge
+    root = convert.cache_dir() / f"pairrm-{shape}-random"
+    if not (root / "ranker" / "config.json").exists():  # written last: a killed build is built again
+        judge.build_pairrm(root, shape)
+    return root / "ranker", root / "backbone"
+
+
+def pairrm_inputs(n, k=PAIRRM_K, seed=0):
+    """n chat-rendered prompts of 8-30 words and k answers each of 10-50 words (seeded, from the
+    judge's own text): varied lengths, as sampled answers are."""
+    import random
+
+    import judge
+    words = judge.PAIRRM_TEXT.split()
+    g = random.Random(seed)
+    text = lambda lo, hi: " ".join(g.choice(words) for _ in range(g.randint(lo, hi)))  # noqa: E731
+    prompts = [f"<|im_start|>user\n{text(8, 30)}<|im_end|>\n<|im_start|>assistant\n" for _ in range(n)]
+    return prompts, [[text(10, 50) for _ in range(k)] for _ in range(n)]
+
+
+def pairrm(b, dev):
+    """prompts/s of our PairRM judge and of llm-blender's rank(batch_size=1), rounds alternating,
+    and the largest difference between their P matrices."""
+    import numpy as np
+
+    import judge
+    import llm_blender
+    from llm_blender.blender.config import BlenderConfig
+    ranker, backbone = pairrm_dir(b.pairrm_shape)
+    ours = judge.PairRMJudge(ranker, backbone_dir=backbone, mode="scores", batch_size=16, device=str(dev))
+    theirs = llm_blender.Blender(BlenderConfig(device=dev.type, use_tqdm=False))
+    theirs.loadranker(str(ranker), device=dev.type, model_name=str(backbone))
+    prompts, cands = pairrm_inputs(b.pairrm_prompts)
+    k = len(cands[0])
+    got = {}
+    jobs = {"ours": lambda p, c: ours(p, c),
+            "theirs": lambda p, c: [judge.prob_matrix(lambda i, j, sn=sn: judge.sigmoid(sn[i] - sn[j]), len(sn)) for sn in
+                                    np.asarray(theirs.rank(p, c, return_scores=True, batch_size=1, disable_tqdm=True),
+                                               dtype=np.float64)]}
+    for fn in jobs.values():  # warm-up: one prompt, two answers
+        fn(prompts[:1], [cands[0][:2]])
+    rates = {"ours": [], "theirs": []}
+    for r in range(max(1, b.repeats - 1)):
+        for who in (("ours", "theirs") if r % 2 == 0 else ("theirs", "ours")):
+            print(f"{time.strftime('%X')} PairRM {who}, round {r + 1}", file=sys.stderr, flush=True)
+            sync(dev)
+            t0 = time.perf_counter()
+            got[who] = jobs[who](prompts, cands)  # the P matrices compared below
+            sync(dev)
+            rates[who].append(len(prompts) / (time.perf_counter() - t0))
+    diff = max(float(np.abs(a - t).max()) for a, t in zip(got["ours"], got["theirs"]))
+    return {"rates": rates, "p_max_abs_diff": diff, "prompts": len(prompts), "k": k}
+
+
 # ----------------------------------------------------------------------------- driver
 
 def child(b, what, dev):
@@ -459,7 +526,7 @@ def worker(b, what, dev):
     print("RESULT " + json.dumps({**WORKERS[what](b, dev), "libs_mib": libs}), flush=True)
 
 
-WORKERS = {"train-ours": train_ours, "train-theirs": train_theirs, "inference": inference,
+WORKERS = {"train-ours": train_ours, "train-theirs": train_theirs, "inference": inference, "pairrm": pairrm,
            "inference-ours": functools.partial(inference, stacks=("ours",)),
            "inference-theirs": functools.partial(inference, stacks=("theirs",))}
 
@@ -497,13 +564,19 @@ def measure(b, dev, log=print, run=child):
 TARGETS = {"training step, tokens/s": (">=", 1.5), "training step, peak memory MiB": ("<=", 0.6),  # the project's
            "reference scoring, tokens/s": (">=", 1.5), "sampling batch 1, tokens/s": (">=", 1.5),
            "sampling batch 16, tokens/s": (">=", 2.0)}
+PAIRRM_ROW = f"PairRM judge (K={PAIRRM_K}), prompts/s"
+GPU_TARGETS = {PAIRRM_ROW: (">=", 10.0)}  # on a GPU; on a CPU the row is reported only
 
 
-def table(rows):
+def table(rows, gpu=True):
     out = ["| row | ours | theirs | ours/theirs | target | met? |", "|---|---|---|---|---|---|"]
     for name, (a, t) in rows.items():
         ratio = a / t
-        op, want = TARGETS.get(name, ("", None))
+        if name in GPU_TARGETS and not gpu:
+            op, want = GPU_TARGETS[name]
+            out.append(f"| {name} | {num(a)} | {num(t)} | {ratio:.2f}x | GPU: {op} {want}x | — (CPU) |")
+            continue
+        op, want = TARGETS.get(name, GPU_TARGETS.get(name, ("", None)))
         met = "—" if want is None else ("yes" if (ratio >= want if op == ">=" else ratio <= want) else "NO")
         out.append(f"| {name} | {num(a)} | {num(t)} | {ratio:.2f}x | {f'{op} {want}x' if want else '—'} | {met} |")
     return "\n".join(out)
@@ -520,10 +593,19 @@ def machine(b, dev):
             f"transformers {transformers.__version__}, peft {peft.__version__}, bitsandbytes {bitsandbytes.__version__}")
 
 
-def run(b, dev):
+def pairrm_table(b, dev, run=child):
+    """The PairRM row: medians of the rounds, and how far apart the two judges' P are."""
+    x = run(b, "pairrm", dev)
+    rows = {PAIRRM_ROW: tuple(statistics.median(x["rates"][w]) for w in ("ours", "theirs"))}
+    return (table(rows, gpu=dev.type == "cuda") + f"\n\n{x['prompts']} prompts x K={x['k']}, {'DeBERTa-v3-large-shaped' if b.pairrm_shape == 'large' else b.pairrm_shape} "
+            f"PairRM with random weights; theirs: llm-blender's rank(batch_size=1); P, ours vs theirs: max |diff| "
+            f"{x['p_max_abs_diff']:.1e}"), rows
+
+
+def run(b, dev, pairrm_only=False):
     b = dataclasses.replace(b, threads=b.threads or torch.get_num_threads())
-    models = [b.model or "embedded SmolLM2-135M-Instruct"]
-    if dev.type == "cuda" and not b.model:
+    models = [] if pairrm_only else [b.model or "embedded SmolLM2-135M-Instruct"]
+    if dev.type == "cuda" and not b.model and not pairrm_only:
         models.append(LLAMA3_8B)
     print(machine(b, dev))
     print(f"settings: {b.rows} pairs x seq <= {b.seq_len}, LoRA r={b.lora_r}, {b.steps} timed steps x {b.train_rounds} "
@@ -538,6 +620,11 @@ def run(b, dev):
                               f"(values up to {inf['logp_scale']:,.0f} nats)")
         print(text)
         tables.append(f"### {name}\n\n{text}")
+    if b.pairrm_prompts:
+        print("\n### PairRM")
+        text, _ = pairrm_table(b, dev)
+        print(text)
+        tables.append(f"### PairRM\n\n{text}")
     return tables
 
 
@@ -551,7 +638,11 @@ def parse_args(argv=None):
     p.add_argument("--train-rounds", type=int, default=Bench.train_rounds, help="training rounds (fresh processes)")
     p.add_argument("--steps", type=int, default=Bench.steps, help="timed training steps per round")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's default)")
-    p.add_argument("--quick", action="store_true", help="1 pair of <= 128 tokens, 16 new tokens, 1 training round")
+    p.add_argument("--quick", action="store_true", help="1 pair of <= 128 tokens, 16 new tokens, 1 training round, "
+                   "2 PairRM prompts")
+    p.add_argument("--pairrm-prompts", type=int, default=None, help=f"prompts in the PairRM row (default {Bench.pairrm_prompts}, "
+                   "--quick 2; 0: no PairRM row)")
+    p.add_argument("--pairrm-only", action="store_true", help="the PairRM row alone")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     p.add_argument("--config", default="", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -560,7 +651,8 @@ def parse_args(argv=None):
         return dataclasses.replace(Bench(), **{**c, "gen_batches": tuple(c["gen_batches"])}), a
     b = Bench(model=a.model, device=a.device, rows=a.rows, gen_tokens=a.gen_tokens, repeats=a.repeats, train_rounds=a.train_rounds, steps=a.steps,
               threads=a.threads)
-    return (quick(b) if a.quick else b), a
+    b = quick(b) if a.quick else b
+    return (b if a.pairrm_prompts is None else dataclasses.replace(b, pairrm_prompts=a.pairrm_prompts)), a
 
 
 if __name__ == "__main__":
@@ -569,4 +661,4 @@ if __name__ == "__main__":
     if a.worker:
         worker(b, a.worker, dev)
     else:
-        run(b, dev)
+        run(b, dev, pairrm_only=a.pairrm_only)

@@ -16,22 +16,33 @@ the end is built from those lines:
   sample    the same shapes in bf16, as the sampler holds them: tokens/s at batch 1 and 16 (decode
             steps replayed as CUDA graphs; batch 1 also without), peak memory per card against the
             plan; on one card the same in NF4
-  e2e       one tiny SPPO iteration through sppo.py on the cards, every stage
+  judge     a PairRM of its real size with random weights (judge.build_pairrm "large") judging
+            K=5 answers on the first card: our judge's prompts/s against llm-blender's
+            rank(batch_size=1), as the SPPO authors' rank.py calls it, and its peak memory
+  e2e       one tiny SPPO iteration through sppo.py on the cards, every stage; the disk's read
+            and write rates (what merging a checkpoint costs)
   e2e-vllm  the same with --backend vllm (skipped when vLLM does not import)
 
 A card whose measured peak is more than 10% above the plan fails its step: the plan is what
 `--plan` promises before a long run. From the measured rates it estimates the hours of one
-iteration at the paper's scale (20k prompts, K=5, up to 512 new tokens, 3 epochs).
+iteration at the paper's scale (20k prompts, K=5, up to 512 new tokens, 3 epochs), every stage:
+generate, judge, reference scoring, train, merge and the held-out evaluation; beside it the same
+for 2 x RTX 4090, scaled from published bandwidth and bf16 throughput (not measured).
+
+--mem-cap GiB caps every card at that much for each step (torch's per-process memory fraction),
+and plans under it: an H200 plays a 24 GB card.
 
     python scripts/gpu_check.py                          # what `make gpu-check` runs; exit 1 if a step failed
     python scripts/gpu_check.py --out gpu_check.jsonl    # also keep the step results (for docs/BENCHMARKS.md)
     python scripts/gpu_check.py --device cpu             # the same steps on CPU with tiny shapes (the tests)
+    python scripts/gpu_check.py --mem-cap 24             # every step inside 24 GiB per card
 
 Without CUDA there is nothing to check: one line, exit status 0 (CI stays green).
 
 What it calls in the rest of the project: sppo.parse_args, main; pipeline.workload, plan,
 print_plan, check, random_model, pair_rows, micro_batched, compute_dtype, autocast, CONTEXT;
-model.Config, LLAMA3_8B, sequence_logps, generate, Attention; quant.NF4Linear; tests/tiny.py's
+model.Config, LLAMA3_8B, sequence_logps, generate, Attention; quant.NF4Linear; judge.build_pairrm,
+PairRMJudge, prob_matrix, sigmoid; bench.pairrm_inputs; tests/tiny.py's
 make_tiny_chat_model and the device tests of tests/test_pipeline.py and tests/test_devices.py
 (DEVICE_TESTS).
 
@@ -79,10 +90,15 @@ class Check:
     tiny: bool = False     # small shapes instead of Llama-3-8B's (the CPU run of the tests)
     tests_filter: str = ""    # pytest -k for the tests step (the CPU run of the tests picks one test)
     batch1_tokens: int = 128  # new tokens timed at batch 1 (batch 16 runs the walkthrough's 512)
+    mem_cap: float = 0.0      # GiB per card for every step (0: the card's own memory)
 
     @property
     def cuda(self):
         return self.cards[0].startswith("cuda")
+
+    def caps(self, devices):
+        """The plan's bytes per device: the cap when there is one, else each card's own (None)."""
+        return [self.mem_cap * GiB] * len(devices) if self.mem_cap else None
 
 
 @dataclass
@@ -93,6 +109,8 @@ class Iteration:
     new_tokens: int = 512   # --max-new-tokens
     seq_len: int = 1024     # --max-len: prompt + response in scoring and training
     epochs: int = 3
+    eval_prompts: int = 100  # held-out prompts answered (greedily, to new_tokens) and judged both ways
+    model_bytes: int = 16_060_522_496  # Llama-3-8B's bf16 checkpoint: merging reads and writes it once
 
 
 # ----------------------------------------------------------------------------- the project
@@ -315,11 +333,11 @@ def step_train(c: Check):
     s, cfg, devices = shape_setup(c)
     mem = CardMemory(devices)
     w = workload(s)
-    if not pipeline.print_plan(pipeline.plan(cfg, devices, w)[1]):
+    if not pipeline.print_plan(pipeline.plan(cfg, devices, w, c.caps(devices))[1]):
         return {"ok": False, "summary": "the plan says training does not fit these cards"}
     # pipeline.check plans, builds the random NF4 + LoRA model on the split, resets the peaks
     # (weights included: they are allocated) and trains; it prints its own table too.
-    rows, train_tok_s, m = pipeline.check(cfg, devices, w, s.micro_batches, steps=2 if c.tiny else 3)
+    rows, train_tok_s, m = pipeline.check(cfg, devices, w, s.micro_batches, steps=2 if c.tiny else 3, caps=c.caps(devices))
     memory = mem.rows(rows, "train")
     # Reference scoring (make_pairs' stage): the same forward without gradients.
     ids, seg = pipeline.pair_rows(cfg, w, devices[0])
@@ -356,7 +374,7 @@ def step_sample(c: Check):
     s, cfg, devices = shape_setup(c)
     mem = CardMemory(devices)
     w = workload(s)
-    bounds, rows = pipeline.plan(cfg, devices, w)
+    bounds, rows = pipeline.plan(cfg, devices, w, c.caps(devices))
     if not pipeline.print_plan(rows):
         return {"ok": False, "summary": "the plan says sampling does not fit these cards"}
     dtype = pipeline.compute_dtype(torch.device(devices[0]))
@@ -429,6 +447,8 @@ def e2e(c: Check, vllm=False):
             argv += ["--backend", "vllm", "--device", c.cards[0], "--vllm-memory", "0.3"]
         else:
             argv += ["--devices", c.split, "--micro-batches", "2"]
+        if c.mem_cap:  # sppo.py plans under the cap too
+            argv += ["--device-mem", str(c.mem_cap)]
         t = time.time()
         if not vllm:  # killed right after training's first checkpoint, then resumed below, on the same split
             killed = subprocess.run([sys.executable, str(HERE / "sppo.py"), *argv], cwd=HERE,
@@ -449,22 +469,103 @@ def e2e(c: Check, vllm=False):
             return {"ok": False, "summary": "no training step ran: the judge tied every prompt's answers"}
         wr, ci = table[0]["win_rate"]
         first = json.loads((run / "iter0" / "train" / "losses.jsonl").read_text().splitlines()[0])
-        return {"ok": True, "summary": f"1 iteration, every stage, in {time.time() - t:.0f} s "
+        read_s, write_s = disk_rates(tmp / "disk", (1 if c.tiny else 256) * 2 ** 20)
+        return {"ok": True, "rates": {"disk_read_bytes_s": read_s, "disk_write_bytes_s": write_s},
+                "summary": f"1 iteration, every stage, in {time.time() - t:.0f} s; disk {write_s / 1e6:,.0f} MB/s "
+                           f"written, {read_s / 1e6:,.0f} MB/s read "
                                        f"({'vLLM sampler' if vllm else 'devices ' + c.split + ', killed in training and resumed'}); "
                                        f"win rate {wr:.2f}, loss {table[0]['train_loss']:.3g}, step-0 mean |log-ratio| "
                                        f"{first.get('abs_logr', float('nan')):.1e}"}
 
 
-STEPS = {"env": step_env, "tests": step_tests, "train": step_train, "sample": step_sample,
+def disk_rates(path, nbytes):
+    """(read, write) bytes/s of a file of nbytes where the run folder would be: written and synced,
+    dropped from the page cache, read back (merging a checkpoint reads the last one, writes the next)."""
+    data = os.urandom(nbytes)
+    t = time.perf_counter()
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    write_s = nbytes / (time.perf_counter() - t)
+    with open(path, "rb") as f:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        t = time.perf_counter()
+        while f.read(2 ** 24):
+            pass
+    read_s = nbytes / (time.perf_counter() - t)
+    os.remove(path)
+    return read_s, write_s
+
+
+def step_judge(c: Check):
+    """PairRM at K=5 on the first card: a random ranker of PairRM's size (tiny with c.tiny), our
+    judge's prompts/s on 64 prompts, llm-blender's rank(batch_size=1) on 8 (the authors' call),
+    and the peak memory of ours."""
+    import numpy as np
+    import torch
+    import bench
+    import judge
+    import llm_blender
+    from llm_blender.blender.config import BlenderConfig
+    dev = c.cards[0]
+    mem = CardMemory([dev])
+    with tempfile.TemporaryDirectory() as tmp:
+        ranker, backbone = judge.build_pairrm(tmp, "tiny" if c.tiny else "large")
+        ours = judge.PairRMJudge(ranker, backbone_dir=backbone, batch_size=16, device=dev)
+        theirs = llm_blender.Blender(BlenderConfig(device=torch.device(dev).type, use_tqdm=False))
+        with ours.on_card():
+            theirs.loadranker(str(ranker), device=torch.device(dev).type, model_name=str(backbone))
+    n_ours, n_theirs = (2, 2) if c.tiny else (64, 8)
+    prompts, cands = bench.pairrm_inputs(n_ours)
+    k = len(cands[0])
+    ours(prompts[:2], cands[:2])  # warm-up
+    mem.reset()
+    t = time.perf_counter()
+    P = ours(prompts, cands)
+    sync([dev])
+    ours_s = n_ours / (time.perf_counter() - t)
+    memory = [{"device": r, "peak": (mem.outside[r] + torch.cuda.max_memory_reserved(r)) if r in mem.cards else None}
+              for r in [dev]]
+    with ours.on_card():
+        t = time.perf_counter()
+        s = theirs.rank(prompts[:n_theirs], cands[:n_theirs], return_scores=True, batch_size=1, disable_tqdm=True)
+        sync([dev])
+        theirs_s = n_theirs / (time.perf_counter() - t)
+    Q = [judge.prob_matrix(lambda i, j, sn=sn: judge.sigmoid(sn[i] - sn[j]), k) for sn in np.asarray(s, dtype=np.float64)]
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(P, Q))
+    tol = 1e-6 if not c.cuda else 2e-2  # half precision on the card, in both
+    peak = memory[0]["peak"]
+    return {"ok": diff <= tol, "rates": {"judge_prompts_s": ours_s, "judge_prompts_s_theirs": theirs_s},
+            "judge_memory": memory, "p_max_abs_diff": diff,
+            "summary": f"PairRM{' (tiny)' if c.tiny else ''} K={k}: {ours_s:,.2f} prompts/s, llm-blender's "
+                       f"rank(batch_size=1) {theirs_s:,.2f} ({ours_s / theirs_s:.1f}x); P max |diff| {diff:.1e}"
+                       + (f"; peak {peak / GiB:.2f} GiB" if peak else "")}
+
+
+STEPS = {"env": step_env, "tests": step_tests, "train": step_train, "sample": step_sample, "judge": step_judge,
          "e2e": e2e, "e2e-vllm": lambda c: e2e(c, vllm=True)}
 # Generous ceilings per step (seconds); the budget of the whole check is 10 min on one card.
-TIMEOUTS = {"env": 300, "tests": 420, "train": 420, "sample": 420, "e2e": 420, "e2e-vllm": 600}
+TIMEOUTS = {"env": 300, "tests": 420, "train": 420, "sample": 420, "judge": 420, "e2e": 420, "e2e-vllm": 600}
+
+
+def apply_mem_cap(c: Check):
+    """What a smaller card allows: torch's allocator on each card refuses to go past mem_cap GiB
+    (the CUDA context, outside the allocator, is not capped: the plan counts it on its own)."""
+    import torch
+    for d in dict.fromkeys(c.cards):
+        if d.startswith("cuda"):
+            total = torch.cuda.get_device_properties(d).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, c.mem_cap * GiB / total), d)
 
 
 def child(name, c: Check):
     """Run one step in this process and print its result line; errors become a failed result."""
     t = time.time()
     try:
+        if c.mem_cap and c.cuda:
+            apply_mem_cap(c)
         res = STEPS[name](c)
     except Exception as e:  # noqa: BLE001 - every failure must reach the summary, as one line
         import traceback
@@ -555,16 +656,63 @@ def over_plan_messages(results):
             for r in results for m in r.get("memory", []) if not within_plan(m["planned"], m["measured"])]
 
 
-def estimate_hours(it: Iteration, sample_tok_s, score_tok_s, train_tok_s):
+def estimate_hours(it: Iteration, sample_tok_s, score_tok_s, train_tok_s, judge_prompts_s=None,
+                   disk_read_bytes_s=None, disk_write_bytes_s=None):
     """Hours per stage of one iteration from the measured rates. Upper bounds: every response
     runs to it.new_tokens (a batch samples until its last row stops) and every scored or trained
-    sequence is it.seq_len long. Judging, merging and evaluation are not included."""
+    sequence is it.seq_len long. With the judge's rate: judging K answers per prompt, and the
+    held-out evaluation (greedy answers, then each pair judged in both orders: 2 x 2 comparisons
+    against a K-answer prompt's K (K - 1)); with the disk's: merging (read one checkpoint, write
+    the next). A stage whose rate is missing is left out."""
     gen_tokens = it.prompts * it.k * it.new_tokens
     seq_tokens = it.prompts * 2 * it.seq_len  # chosen and rejected of one pair per prompt
     stages = {"generate": (gen_tokens, sample_tok_s), "pairs": (seq_tokens, score_tok_s),
               "train": (it.epochs * seq_tokens, train_tok_s)}
     out = {k: {"tokens": n, "tok_s": r, "hours": n / r / 3600} for k, (n, r) in stages.items()}
+    if judge_prompts_s:
+        out["judge"] = {"prompts": it.prompts, "prompts_s": judge_prompts_s, "hours": it.prompts / judge_prompts_s / 3600}
+        answers = it.eval_prompts * it.new_tokens / sample_tok_s / 3600
+        judged = it.eval_prompts * 4 / (it.k * (it.k - 1)) / judge_prompts_s / 3600
+        out["evaluate"] = {"parts": {"decode": answers, "judge": judged}, "hours": answers + judged}
+    if disk_read_bytes_s and disk_write_bytes_s:
+        out["merge"] = {"bytes": it.model_bytes, "hours": (it.model_bytes / disk_read_bytes_s
+                                                           + it.model_bytes / disk_write_bytes_s) / 3600}
     out["total"] = {"hours": sum(v["hours"] for v in out.values())}
+    return out
+
+
+# Published figures per card (dense bf16 tensor throughput, fp32 accumulate on the 4090):
+# decoding reads every weight per token, so it scales with memory bandwidth; prefill, scoring,
+# training and the judge are matrix products and scale with throughput. Keyed by a part of the
+# name torch gives the card.
+CARD_SPECS = {"H200": {"bandwidth": 4.8e12, "bf16_flops": 990e12},
+              "RTX 4090": {"bandwidth": 1.008e12, "bf16_flops": 165e12}}
+SCALED_TO = "RTX 4090"
+BOUND_BY = {"generate": "bandwidth", "pairs": "bf16_flops", "train": "bf16_flops", "judge": "bf16_flops"}
+
+
+def card_spec(name):
+    return next((v for k, v in CARD_SPECS.items() if k in (name or "")), None)
+
+
+def scaled_hours(est, measured_on, to=SCALED_TO):
+    """The estimate moved from the card it was measured on to another by the ratios of their
+    published figures (a pipeline over two of them: each token still passes every layer once, so
+    one card's figures; the overlap of their micro-batches is left out). Merging is disk-bound:
+    unchanged. None when the measured card has no published figures here."""
+    a, b = card_spec(measured_on), CARD_SPECS[to]
+    if a is None:
+        return None
+    ratio = {k: a[k] / b[k] for k in ("bandwidth", "bf16_flops")}
+    out = {}
+    for stage, v in est.items():
+        if stage == "evaluate":
+            out[stage] = v["parts"]["decode"] * ratio["bandwidth"] + v["parts"]["judge"] * ratio["bf16_flops"]
+        elif stage in BOUND_BY:
+            out[stage] = v["hours"] * ratio[BOUND_BY[stage]]
+        elif stage == "merge":
+            out[stage] = v["hours"]
+    out["total"] = sum(out.values())
     return out
 
 
@@ -575,29 +723,55 @@ def rates_of(results):
     return rates
 
 
+def measured_card(results):
+    """The first card's name as the env step saw it (None on CPU or without that step)."""
+    for r in results:
+        for card in r.get("cards", []):
+            return card.get("name")
+    return None
+
+
 def estimate_of(results, it: Iteration):
-    """estimate_hours from the rates the train and sample steps measured; None without them."""
+    """estimate_hours from the rates the steps measured; None without sampling, scoring and training's."""
     rates = rates_of(results)
     need = ("sample_tok_s_batch", "score_tok_s", "train_tok_s")
-    return estimate_hours(it, *(rates[k] for k in need)) if all(rates.get(k) for k in need) else None
+    if not all(rates.get(k) for k in need):
+        return None
+    return estimate_hours(it, *(rates[k] for k in need), rates.get("judge_prompts_s"), rates.get("disk_read_bytes_s"),
+                          rates.get("disk_write_bytes_s"))
 
 
 def estimate_table(results, it: Iteration, tiny=False):
     est = estimate_of(results, it)
     if est is None:
         return ""
+    card = measured_card(results)
+    scaled = scaled_hours(est, card)
     work = {"generate": f"{it.prompts:,} prompts x K={it.k} x {it.new_tokens} new tokens",
+            "judge": f"PairRM on {it.prompts:,} prompts x K={it.k} ({it.k * (it.k - 1)} comparisons each)",
             "pairs": f"reference log-probs of {2 * it.prompts:,} sequences x {it.seq_len}",
-            "train": f"{it.epochs} epochs x {2 * it.prompts:,} sequences x {it.seq_len}"}
+            "train": f"{it.epochs} epochs x {2 * it.prompts:,} sequences x {it.seq_len}",
+            "merge": f"read and write {it.model_bytes / 1e9:.1f} GB",
+            "evaluate": f"{it.eval_prompts} held-out prompts: greedy answers, judged both ways"}
+    rate = lambda k: (f"{est[k]['tok_s']:,.0f} tokens/s" if "tok_s" in est[k] else  # noqa: E731
+                      f"{est[k]['prompts_s']:,.2f} prompts/s" if "prompts_s" in est[k] else
+                      "the disk's" if k == "merge" else "sampling's and the judge's")
+    column = f"2 x {SCALED_TO} (scaled)"
     lines = [f"Estimated hours of one iteration ({it.prompts:,} prompts, K={it.k}, up to {it.new_tokens} new tokens, "
              f"{it.epochs} epochs; upper bounds: every response at {it.new_tokens} tokens, every sequence at "
-             f"{it.seq_len}; judging, merging and evaluation not included):", "",
-             "| stage | work | measured rate | hours |", "|---|---|---|---|"]
+             f"{it.seq_len}), measured on {card or 'this machine'}"
+             + (f"; the last column is scaled from published bandwidth and bf16 throughput ({card} against "
+                f"{SCALED_TO}: decoding by bandwidth, the rest by throughput), not measured:" if scaled else
+                f"; no {column} column: no published figures for {card or 'a CPU'} here:"), "",
+             f"| stage | work | measured rate | hours |{f' {column} |' if scaled else ''}",
+             f"|---|---|---|---|{'---|' if scaled else ''}"]
     if tiny:
         lines[0] = "(tiny shapes: these rates are not the real model's) " + lines[0]
-    for k in ("generate", "pairs", "train"):
-        lines.append(f"| {k} | {work[k]} | {est[k]['tok_s']:,.0f} tokens/s | {est[k]['hours']:.1f} |")
-    lines.append(f"| total | | | {est['total']['hours']:.1f} |")
+    for k in ("generate", "judge", "pairs", "train", "merge", "evaluate"):
+        if k in est:
+            lines.append(f"| {k} | {work[k]} | {rate(k)} | {est[k]['hours']:.1f} |"
+                         + (f" {scaled[k]:.1f} |" if scaled else ""))
+    lines.append(f"| total | | | {est['total']['hours']:.1f} |" + (f" {scaled['total']:.1f} |" if scaled else ""))
     return "\n".join(lines)
 
 
@@ -633,6 +807,8 @@ def main(argv=None):
     ap.add_argument("--steps", default=",".join(STEPS), help="comma-separated subset of the steps")
     ap.add_argument("--iter-prompts", type=int, default=Iteration.prompts, help="prompts per iteration in the estimate")
     ap.add_argument("--out", default="", help="also write the step results here as JSON lines")
+    ap.add_argument("--mem-cap", type=float, default=0.0, help="GiB per card for every step, e.g. 24: an RTX 4090's "
+                    "memory on a larger card (torch.cuda.set_per_process_memory_fraction); CUDA only")
     ap.add_argument("--step", help=argparse.SUPPRESS)   # internal: run one step in this process
     ap.add_argument("--check", help=argparse.SUPPRESS)  # internal: the Check as JSON
     a = ap.parse_args(argv)
@@ -644,10 +820,15 @@ def main(argv=None):
         print(f"gpu-check: torch does not import in {sys.executable} ({e}); install your CUDA build of PyTorch "
               f"(README, 'On a GPU box') or run make gpu-check PYTHON=/path/to/python")
         return 1
+    if a.mem_cap < 0 or (a.mem_cap and (a.device == "cpu" or not torch.cuda.is_available())):
+        print(f"error: --mem-cap {a.mem_cap:g}: " + ("must be > 0" if a.mem_cap < 0 else "caps a CUDA card's memory "
+              "(torch.cuda.set_per_process_memory_fraction); this run has no CUDA card to cap"), file=sys.stderr)
+        return 2
     c = find_check(a.device, a.devices, a.tiny)
     if c is None:
         print(f"gpu-check: torch {torch.__version__} sees no CUDA device, nothing to check")
         return 0
+    c.mem_cap = a.mem_cap
     steps = a.steps.split(",")
     unknown = [s for s in steps if s not in STEPS]
     if unknown:
@@ -656,7 +837,8 @@ def main(argv=None):
     results = [run_step(name, c) for name in steps]
     it = Iteration(prompts=a.iter_prompts)
     from machinery import kernels
-    header = (f"## gpu-check: {', '.join(c.cards)} (split {c.split}{', tiny shapes' if c.tiny else ''}), "
+    header = (f"## gpu-check: {', '.join(c.cards)} (split {c.split}{', tiny shapes' if c.tiny else ''}"
+              f"{f', each card capped at {c.mem_cap:g} GiB' if c.mem_cap else ''}), "
               f"{time.time() - t0:.0f} s\n\nhost CPU: {kernels.cpu_description()}")
     print("\n" + report(results, it, header, c.tiny))
     budget = 10 if len(c.cards) == 1 else 15  # minutes: the issue's promise to a user about to start a run

@@ -96,3 +96,19 @@ def test_split_rows_load_one_stack_per_process_and_give_the_same_rows(tiny, monk
     said = bench.machine(bench.Bench(threads=2), dev)  # the header names the CPU and its instruction set
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
     assert f"{os.cpu_count()} cores, " in said and (" avx512f " not in flags or "AVX-512" in said)
+
+
+def test_pairrm_row_times_our_judge_and_llm_blenders_rank_on_the_same_p(tmp_path, monkeypatch):
+    """The PairRM row on a tiny random PairRM, in this process: both judges give the same P, both
+    rates are measured, and the GPU target (>= 10x llm-blender's batch-1 rank) is only reported on a CPU."""
+    monkeypatch.setenv("SPPO_CACHE", str(tmp_path))
+    b = bench.Bench(pairrm_prompts=3, pairrm_shape="tiny", repeats=2, threads=1)
+    seen = []
+    text, rows = bench.pairrm_table(b, torch.device("cpu"), run=lambda b, what, d: seen.append(bench.WORKERS[what](b, d))
+                                    or seen[-1])
+    x = seen[0]
+    assert x["prompts"] == 3 and x["k"] == 5 and x["p_max_abs_diff"] <= 1e-6
+    assert all(len(v) == 1 and v[0] > 0 for v in x["rates"].values())
+    assert list(rows) == ["PairRM judge (K=5), prompts/s"] and "| GPU: >= 10.0x | — (CPU) |" in text
+    assert "| 10.00x | >= 10.0x | yes |" in bench.table({"PairRM judge (K=5), prompts/s": (10.0, 1.0)})
+    assert "| 9.00x | >= 10.0x | NO |" in bench.table({"PairRM judge (K=5), prompts/s": (9.0, 1.0)})

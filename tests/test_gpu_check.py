@@ -109,16 +109,70 @@ def test_hours_estimate_is_tokens_of_each_stage_over_its_measured_rate():
     assert rows[-1] == ["total", "", "", "54.5"]
 
 
+def test_every_stage_is_in_the_estimate_with_a_2x4090_column_scaled_from_published_figures():
+    """By hand from the rates: the judge's 20,000 prompts at 2 prompts/s; merging 16.06 GB read at
+    1 GB/s and written at 0.5 GB/s; the evaluation's 100 greedy answers of 512 tokens at 400
+    tokens/s plus 100 x 2 x 2 comparisons at 2 x 20 comparisons/s. The 4090 column: decoding
+    times 4.8 / 1.008 (bandwidth), products times 990 / 165 (bf16 throughput), merging unchanged."""
+    it = G.Iteration(prompts=20_000, k=5, new_tokens=512, seq_len=1024, epochs=3, eval_prompts=100,
+                     model_bytes=16_060_000_000)
+    results = [{"step": "env", "ok": True, "cards": [{"device": "cuda:0", "name": "NVIDIA H200"}]},
+               {"step": "train", "ok": True, "rates": {"train_tok_s": 2000.0, "score_tok_s": 6000.0}},
+               {"step": "sample", "ok": True, "rates": {"sample_tok_s_1": 30.0, "sample_tok_s_batch": 400.0}},
+               {"step": "judge", "ok": True, "rates": {"judge_prompts_s": 2.0, "judge_prompts_s_theirs": 0.1}},
+               {"step": "e2e", "ok": True, "rates": {"disk_read_bytes_s": 1e9, "disk_write_bytes_s": 0.5e9}}]
+    est = G.estimate_of(results, it)
+    h = {"generate": 128_000 / 3600, "pairs": 6826.67 / 3600, "train": 61_440 / 3600, "judge": 10_000 / 3600,
+         "merge": (16.06 + 32.12) / 3600, "evaluate": (128.0 + 10.0) / 3600}
+    for stage, want in h.items():
+        assert est[stage]["hours"] == pytest.approx(want, rel=1e-4), stage
+    assert est["total"]["hours"] == pytest.approx(sum(h.values()), rel=1e-4)
+    bw, fl = 4.8 / 1.008, 990 / 165
+    scaled = {"generate": h["generate"] * bw, "pairs": h["pairs"] * fl, "train": h["train"] * fl,
+              "judge": h["judge"] * fl, "merge": h["merge"], "evaluate": 128.0 / 3600 * bw + 10.0 / 3600 * fl}
+    text = G.estimate_table(results, it)
+    assert "2 x RTX 4090 (scaled)" in text and "scaled from published bandwidth and bf16 throughput" in text
+    rows = {r[0]: r for r in table_rows(text)}
+    assert list(rows) == ["generate", "judge", "pairs", "train", "merge", "evaluate", "total"]
+    for stage, want in scaled.items():
+        assert rows[stage][3] == f"{h[stage]:.1f}" and rows[stage][4] == f"{want:.1f}", stage
+    assert rows["total"][4] == f"{sum(scaled.values()):.1f}"
+    cpu = G.estimate_table([dict(r, cards=[{"device": "cpu"}]) if r["step"] == "env" else r for r in results], it)
+    assert "(scaled)" not in cpu.splitlines()[2] and "no published figures" in cpu  # no card to scale from
+
+
+def test_mem_cap_caps_each_card_at_that_fraction_and_is_refused_without_cuda(monkeypatch):
+    """On CUDA: set_per_process_memory_fraction(cap / total) on each card, once (a stand-in torch.cuda
+    records it). Without CUDA the flag cannot be honoured: one error line, exit status 2."""
+    import torch
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: type("P", (), {"total_memory": 140 * GIB}))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: calls.append((d, f)))
+    G.apply_mem_cap(G.Check(cards=["cuda:0", "cuda:1"], split="cuda:0,cuda:1", mem_cap=24))
+    assert calls == [("cuda:0", 24 / 140), ("cuda:1", 24 / 140)]
+    assert G.Check(cards=["cuda:0"], split="cuda:0", mem_cap=24).caps(["cuda:0", "cuda:0"]) == [24 * GIB] * 2
+    r = subprocess.run([sys.executable, str(ROOT / "gpu_check.py"), "--device", "cpu", "--mem-cap", "24"], cwd=ROOT,
+                       env=no_cuda_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and r.stderr.startswith("error: --mem-cap 24: "), r.stderr
+
+
 @pytest.fixture(scope="module")
 def cpu_check():
     return G.Check(cards=["cpu"], split="cpu,cpu", tiny=True, tests_filter="greedy")
 
 
-@pytest.mark.parametrize("step", ["env", "train", "sample", "e2e", "tests"])
+@pytest.mark.parametrize("step", ["env", "train", "sample", "judge", "e2e", "tests"])
 def test_every_step_runs_its_code_path_on_cpu_with_tiny_shapes(cpu_check, step):
     """The steps' own code, in this process, on `cpu` and `cpu,cpu` (a split)."""
     res = G.STEPS[step](cpu_check)
     assert res["ok"] is True, res["summary"]
+    if step in ("judge", "e2e"):  # the rates the estimate's judge, evaluation and merge rows come from
+        assert set(res["rates"]) == ({"judge_prompts_s", "judge_prompts_s_theirs"} if step == "judge"
+                                     else {"disk_read_bytes_s", "disk_write_bytes_s"})
+        assert all(v > 0 for v in res["rates"].values())
+    if step == "judge":  # our judge and llm-blender's rank(batch_size=1) gave the same P
+        assert res["p_max_abs_diff"] <= 1e-6
     if step in ("train", "sample"):
         assert [m["device"] for m in res["memory"]] == ["cpu"] and res["memory"][0]["measured"] is None
         assert all(v > 0 for v in res["rates"].values())

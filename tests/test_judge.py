@@ -267,62 +267,9 @@ def test_prompt_files_are_reproducible_from_script():
 # -----------------------------------------------------------------------------
 # PairRM: a tiny random one, built the way llm-blender expects, run through its real code
 
-SPM_TEXT = """
-the river runs past the old mill and the children watch the boats go by in the morning light
-a small dog sleeps under the kitchen table while rain taps on the window all afternoon
-write a short poem about the sea and the wind and the bright stars over the quiet harbor
-please answer the question in a few simple words and do not use any commas at all
-bread rises in a warm oven and the whole house smells sweet and safe on a cold day
-my friend planted green beans tomatoes and sunflowers in the garden behind the school
-the moon is made of rock and dust and it pulls the ocean tides up and down each day
-bees carry nectar home to the hive where they turn it into honey for the long winter
-start your answer with the word yes and end it with a question for the reader
-a good neighbor helps carry heavy bags shares tools and says hello every single morning
-trains cross the long bridge at night with their lights shining on the dark water below
-learning a new language takes practice patience and a little courage to make mistakes
-the museum keeps old maps keys clocks and letters that tell the history of the town
-"""
-
-
 @pytest.fixture(scope="module")
 def pairrm_dir(tmp_path_factory):
-    import sentencepiece as spm
-    from llm_blender.blender.blender_utils import load_ranker
-    from llm_blender.pair_ranker.config import RankerConfig
-    from transformers import DebertaV2Config, DebertaV2Model, DebertaV2Tokenizer
-
-    root = tmp_path_factory.mktemp("pairrm")
-    backbone, ranker = root / "backbone", root / "ranker"
-    backbone.mkdir()
-    ranker.mkdir()
-    # deberta-v3's spm layout: [PAD]=0 [CLS]=1 [SEP]=2 [UNK]=3, [MASK] added
-    lines = [ln for ln in SPM_TEXT.strip().split("\n")] * 3
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_prefix=str(root / "spm"), vocab_size=200, hard_vocab_limit=False,
-        pad_id=0, bos_id=1, eos_id=2, unk_id=3, pad_piece="[PAD]", bos_piece="[CLS]", eos_piece="[SEP]",
-        unk_piece="[UNK]", user_defined_symbols=["[MASK]"], minloglevel=2)
-    tok = DebertaV2Tokenizer(vocab_file=str(root / "spm.model"))
-    tok.save_pretrained(backbone)
-    torch.manual_seed(0)
-    cfg = DebertaV2Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                          intermediate_size=64, max_position_embeddings=512, relative_attention=True,
-                          position_buckets=32, pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm",
-                          share_att_key=True, position_biased_input=False, pad_token_id=0,
-                          initializer_range=0.5)  # peaky attention so content matters
-    DebertaV2Model(cfg).save_pretrained(backbone)
-    # the ranker folder: config.json as in llm-blender/PairRM, model_name pointing at the
-    # (local) backbone, and a full state dict of llm-blender's own CrossCompareReranker
-    config = {"ranker_type": "pairranker", "model_type": "deberta", "model_name": str(backbone),
-              "source_maxlength": 64, "candidate_maxlength": 32, "n_tasks": 1, "drop_out": 0.05,
-              "inference_mode": "bubble", "fp16": False, "device": "cpu"}
-    model, _, _ = load_ranker(RankerConfig.from_dict(config))
-    with torch.no_grad():  # default init gives scores ~1e-6, all P ~ 0.5: scale the head up
-        for p in model.head_layer.parameters():
-            p.normal_(0.0, 2.0 / math.sqrt(p.shape[-1]))
-    torch.save(model.state_dict(), ranker / "pytorch_model.bin")
-    # the hub config names the backbone by hub id; the judge's backbone_dir overrides it
-    (ranker / "config.json").write_text(json.dumps({**config, "model_name": "microsoft/deberta-v3-large"}))
-    return ranker, backbone
+    return judge.build_pairrm(tmp_path_factory.mktemp("pairrm"), "tiny")
 
 
 PAIRRM_PROMPTS = ["<|im_start|>user\nwrite a short poem about the sea<|im_end|>\n<|im_start|>assistant\n",
@@ -341,16 +288,29 @@ def reference_blender(ranker, backbone):
     return b
 
 
-def test_pairrm_scores_mode_matches_llm_blender_rank(pairrm_dir):
+# a prompt whose longest answer is cut: to the candidate length plus half the prompt's unused length
+LONG = ("the river runs past the old mill and the children watch the boats go by in the morning light while a "
+        "small dog sleeps under the kitchen table and rain taps on the window all afternoon")
+LONG_PROMPT = "<|im_start|>user\nwrite about the river<|im_end|>\n<|im_start|>assistant\n"
+LONG_CANDS = [LONG, "the old mill", LONG + " " + LONG, "boats go by in the morning light"]
+
+
+def test_pairrm_scores_mode_matches_llm_blender_rank_at_batch_size_1(pairrm_dir):
+    """Our feed (length-sorted rows, 3 to a forward, padded to each batch's longest) against
+    llm-blender's own rank() as the authors' rank.py calls it, batch_size=1 (no padding at all)."""
     ranker, backbone = pairrm_dir
-    j = make_judge("pairrm", ranker_dir=ranker, backbone_dir=backbone, mode="scores", batch_size=2, device="cpu")
-    Ps = j(PAIRRM_PROMPTS, PAIRRM_CANDS)
-    s = reference_blender(ranker, backbone).rank(PAIRRM_PROMPTS, PAIRRM_CANDS, return_scores=True, batch_size=2)
-    assert len(Ps) == 2
+    prompts, cands = PAIRRM_PROMPTS + [LONG_PROMPT], PAIRRM_CANDS + [LONG_CANDS]
+    j = make_judge("pairrm", ranker_dir=ranker, backbone_dir=backbone, mode="scores", batch_size=3, device="cpu")
+    Ps = j(prompts, cands)
+    ref = reference_blender(ranker, backbone)
+    s = ref.rank(prompts, cands, return_scores=True, batch_size=1)
+    tok = ref.ranker.tokenizer
+    assert len(tok(LONG + " " + LONG)["input_ids"]) > 64, "the long answer must be cut for this test to cover it"
+    assert len(Ps) == 3
     for P, sn in zip(Ps, s):
         assert_pref_matrix(P, 4)
         expected = np.array([[sig(float(sn[a]) - float(sn[b])) for b in range(4)] for a in range(4)])
-        np.testing.assert_allclose(P, expected, rtol=0, atol=1e-9)
+        np.testing.assert_allclose(P, expected, rtol=0, atol=1e-6)
         off = P[~np.eye(4, dtype=bool)]
         assert off.max() - off.min() > 0.05  # the tiny model really discriminates: test can fail
 
@@ -395,6 +355,7 @@ def test_pairrm_gets_the_device_string_llm_blender_halves_for_and_runs_on_its_ca
             return [[0.0] * len(c) for c in candidates]
 
     monkeypatch.setattr(llm_blender, "Blender", StandIn)
+    monkeypatch.setattr(judge.PairRMJudge, "comparisons", lambda self, p, c: np.zeros((len(p), len(c[0]), len(c[0]))))
     for asked, given in (("cuda:1", "cuda"), ("cuda", "cuda"), ("cpu", "cpu")):
         seen.clear()
         j = judge.PairRMJudge(tmp_path, device=asked)
@@ -408,9 +369,9 @@ def test_pairrm_render_and_refusals(pairrm_dir, tmp_path):
     raw = ["write a short poem about the sea", "what is the moon made of"]
     render = lambda p: f"<|im_start|>user\n{p}<|im_end|>\n<|im_start|>assistant\n"  # noqa: E731
     j = judge.PairRMJudge(ranker, batch_size=2, device="cpu", backbone_dir=backbone, render=render)
-    s = reference_blender(ranker, backbone).rank(PAIRRM_PROMPTS, PAIRRM_CANDS, return_scores=True, batch_size=2)
+    s = reference_blender(ranker, backbone).rank(PAIRRM_PROMPTS, PAIRRM_CANDS, return_scores=True, batch_size=1)
     P = j(raw, PAIRRM_CANDS)[1]
-    assert P[1, 0] == pytest.approx(sig(float(s[1][1]) - float(s[1][0])), abs=1e-9)
+    assert P[1, 0] == pytest.approx(sig(float(s[1][1]) - float(s[1][0])), abs=1e-6)
     with pytest.raises(ValueError, match="PairRM folder not found"):
         judge.PairRMJudge(tmp_path / "missing", device="cpu")
     with pytest.raises(ValueError, match="phi"):

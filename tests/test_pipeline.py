@@ -253,8 +253,91 @@ def test_plan_command_prints_split_and_refuses_what_does_not_fit(tiny):
     half = run("--device", "cpu", "--merged-dtype", "bfloat16")
     assert f"disk: each merged pi_(t+1) {each / 2 / 2**20:.1f} MiB (--merged-dtype bfloat16)" in half.stdout, half.stdout
     bad = run("--devices", "cpu,cpu", "--device-mem", "0.001")
-    assert bad.returncode == 2
-    assert "error: cpu needs" in bad.stdout and "--batch-size" in bad.stdout
+    assert bad.returncode == 2 and "| cpu | 0-" in bad.stdout  # the table, then one error line
+    assert bad.stderr.startswith("error: cpu needs") and "--batch-size" in bad.stderr, bad.stderr
+    assert bad.stderr.strip().splitlines() == [bad.stderr.strip()]
+
+
+# Meta-Llama-3-8B-Instruct's config.json as the Hub has it: the walkthrough's model, no weights
+LLAMA3_8B_CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 128000,
+    "eos_token_id": 128009, "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
+    "intermediate_size": 14336, "max_position_embeddings": 8192, "model_type": "llama", "num_attention_heads": 32,
+    "num_hidden_layers": 32, "num_key_value_heads": 8, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+    "rope_scaling": None, "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "vocab_size": 128256}
+WALKTHROUGH_PLAN = ("--plan --devices cuda:0,cuda:1 --max-new-tokens 512 --max-len 1024 --max-prompt-len 512 "
+                    "--gen-batch 16 --eval-batch 16 --grad-ckpt --batch-size 4 --grad-accum 2 --micro-batches 2").split()
+
+
+@pytest.fixture
+def laptop(tmp_path, monkeypatch, capsys):
+    """A machine without CUDA and a model folder holding config.json alone; -> plan(*flags):
+    (exit status, stdout, stderr) of sppo.py's command line, run in this process."""
+    import json
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    folder = tmp_path / "Meta-Llama-3-8B-Instruct"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(LLAMA3_8B_CONFIG))
+
+    def plan(*flags):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            sppo.main(["--model", str(folder), "--runs-dir", str(tmp_path / "runs"), *flags])
+        out = capsys.readouterr()
+        assert "Traceback" not in out.err and not (tmp_path / "runs").exists(), out.err  # nothing written
+        return e.value.code, out.out, out.err
+    return plan
+
+
+def plan_rows(stdout):
+    return [[c.strip() for c in ln.strip("|").split("|")] for ln in stdout.splitlines() if ln.startswith("| cuda")]
+
+
+def test_plan_for_named_cards_runs_without_cuda_from_config_json_alone_and_matches_transformers_count(laptop):
+    """The walkthrough's step 2 on a laptop: the table, exit 0. Its numbers against an independent
+    count: transformers' LlamaForCausalLM built on the meta device from the same config gives the
+    parameters; sampling holds them in bf16 on the two cards together, plus the KV cache of 16
+    rows x (512 + 512) positions, the last position's float32 logits (both with the allocator's 30%),
+    and each card's CUDA context; the disk line is the parameters in the config's bf16."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    for memory in (["--card", "4090"], ["--device-mem", "24"]):
+        code, out, err = laptop(*WALKTHROUGH_PLAN, *memory)
+        assert code == 0 and err == "", err
+        rows = plan_rows(out)
+        assert [r[0] for r in rows] == ["cuda:0", "cuda:1"] and all(r[4] == "24.0 GiB" for r in rows), out
+    with torch.device("meta"):
+        n = sum(p.numel() for p in LlamaForCausalLM(LlamaConfig(**LLAMA3_8B_CONFIG)).parameters())
+    kv = 2 * 32 * 8 * 128 * 2 * 16 * (512 + 512)  # K and V, layers, kv heads, head dim, bf16, rows, positions
+    logits = 16 * 128256 * 4
+    want = 2 * n + 1.3 * (kv + logits) + 2 * 0.75 * 2 ** 30
+    got = sum(float(r[3].split()[0]) for r in rows) * 2 ** 30
+    assert got == pytest.approx(want, abs=0.011 * 2 ** 30), (got / 2 ** 30, want / 2 ** 30)
+    assert f"disk: each merged pi_(t+1) {2 * n / 2 ** 30:.2f} GiB (--merged-dtype auto)" in out, out
+    assert [r[1] for r in rows] == ["0-20", "21-31"]  # README's walkthrough table
+
+
+def test_plan_for_an_unknown_card_or_without_the_cards_memory_is_one_error_line(laptop):
+    code, out, err = laptop(*WALKTHROUGH_PLAN, "--card", "5090")
+    assert code == 2 and err.startswith("error: --card: unknown card '5090' (known: 3090, 4090,") and out == ""
+    assert err.strip().splitlines() == [err.strip()]
+    code, _, err = laptop(*WALKTHROUGH_PLAN)  # cards this machine lacks, and no word of their memory
+    assert code == 2 and "this torch sees no CUDA device" in err and "--card NAME or --device-mem GiB" in err
+    code, _, err = laptop(*[f for f in WALKTHROUGH_PLAN if f != "--plan"], "--device-mem", "24")  # a run: refused
+    assert code == 2 and err.startswith("error: --devices: cuda:0 asked for, but this torch sees no CUDA device"), err
+    code, _, err = laptop(*[f for f in WALKTHROUGH_PLAN if f != "--plan"], "--card", "4090")
+    assert code == 2 and err.startswith("error: --card is for --plan"), err
+
+
+def test_a_plan_that_does_not_fit_the_named_cards_is_the_table_then_one_error_line_naming_the_flag(laptop):
+    code, out, err = laptop(*WALKTHROUGH_PLAN, "--card", "4090", "--batch-size", "16")
+    assert code == 2 and len(plan_rows(out)) == 2
+    assert err.strip().splitlines() == [err.strip()] and err.startswith("error: cuda:"), err
+    assert "training" in err and "of its 24.0 GiB" in err and "lower --batch-size" in err and "sampling" not in err
+    code, out, err = laptop(*WALKTHROUGH_PLAN, "--card", "4090", "--gen-batch", "256", "--eval-batch", "256")
+    assert code == 2 and "sampling" in err and "lower --gen-batch and --eval-batch" in err and "training" not in err
+    assert laptop(*WALKTHROUGH_PLAN, "--card", "a100-80", "--batch-size", "16")[0] == 0  # 80 GiB holds it
 
 
 def test_loop_split_over_two_devices_with_micro_batches_matches_one_device(tmp_path):
