@@ -167,7 +167,7 @@ def merged_bytes(src_dir, dtype=None):
     if not any((src_dir / f).exists() for f in ("model.safetensors", "model.safetensors.index.json")):
         with torch.device("meta"):
             n = sum(p.numel() for p in M.create(M.Config.from_hf(src_dir)).parameters())  # a tied head once
-        named = M.read_json_object(src_dir / "config.json")
+        named = loader.read_json_object(src_dir / "config.json")
         named = named.get("torch_dtype") or named.get("dtype")
         return n * torch.finfo(dtype or CONFIG_DTYPES.get(named, torch.float32)).bits // 8
     n = 0
