@@ -32,9 +32,8 @@ import data
 import generate
 import judge as judges
 import lora
-import model as M
 import pipeline
-from machinery import checks, files, kernels, loader, parallel, report, runs, stats
+from machinery import checks, convert, files, kernels, loader, parallel, report, runs, stats
 
 HERE = Path(__file__).resolve().parent
 
@@ -486,7 +485,27 @@ def kl_estimate(s, tok, old_dir, new_dir, rows, out_path):
 
 def run(s):
     t0 = time.time()
-    base_dir, tok, parts, heldout, run_dir = checks.start(s, Settings.HARMLESS)
+    # Start-up: every input is checked before the run folder is touched, so a bad start costs
+    # nothing and leaves the folder as it was.
+    checks.check_flags(s)
+    s.device, s.devices = parallel.setup(s.device, s.devices)  # torchrun: join the ranks, pick this one's devices
+    base_dir = Path(s.model) if s.model else convert.embedded_model_dir()
+    checks.check_plan(s, base_dir)  # each device's memory (always on CUDA); --plan ends here
+    checks.check_model(base_dir)
+    tok = data.Tokenizer.from_dir(base_dir)
+    pool, stats = data.load_prompts(s.prompts)
+    heldout, _ = data.load_prompts(s.heldout)
+    heldout = heldout[:s.eval_prompts] if s.eval_prompts else heldout
+    pool, stats["too_long"] = data.fit_prompts(pool, tok, s.max_prompt_len, s.long_prompts)
+    heldout, long_heldout = data.fit_prompts(heldout, tok, s.max_prompt_len, s.long_prompts)
+    parts = data.split_prompts(pool, s.iters, s.prompts_per_iter, s.seed)  # one disjoint part per iteration
+    checks.check_prompts(s, pool, heldout, parts, s.prompts)
+    run_dir = runs.open_run_folder(Path(s.runs_dir) / s.name, s, Settings.HARMLESS)
+    print(f"sppo: model {base_dir}, {len(pool)} prompts ({stats}), {s.iters} iterations x {len(parts[0])} prompts, "
+          f"K={s.k}, judge {s.judge}, loss {s.loss}; run folder {run_dir}")
+    if stats["too_long"] or long_heldout:
+        print(f"  prompts longer than --max-prompt-len {s.max_prompt_len}: {stats['too_long']} training, "
+              f"{long_heldout} held-out ({'truncated' if s.long_prompts == 'truncate' else 'skipped'})")
     seeds = [50 * k for k in range(s.k)]  # 0, 50, ..., 200: the authors' code's vLLM seeds (see sample)
     fresh, t_base = not (run_dir / "eval_base.jsonl").exists(), time.time()
     with runs.stage("base", "generate") as st:
@@ -566,7 +585,7 @@ def main(argv=None):
             raise
         checks.fail(f"the disk is full ({runs.one_line(e)}): free some space and run the same command again")
     finally:
-        runs.unlock_run_folder()  # taken in checks.start; a process that dies loses it anyway
+        runs.unlock_run_folder()  # taken in runs.open_run_folder; a process that dies loses it anyway
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ line naming the flag (or the file and line), so that a typo costs a second, not 
 that then refuses the corrected command.
 
 The loaders check their own files (data.load_prompts, data.Tokenizer.from_dir,
-model.Config.from_hf, model.check_headers); this file checks what only the settings know."""
+model.Config.from_hf, loader.check_headers); this file checks what only the settings know, and
+sppo.run calls its checks in order before it makes the run folder."""
 import argparse
 import dataclasses
 import os
@@ -16,13 +17,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import data
 import judge as judges
 import lora
 import model as M
 import pipeline
 import quant
-from machinery import convert, files, kernels, loader, parallel, report, runs
+from machinery import files, kernels, loader, report, runs
 
 
 class FlagError(ValueError):
@@ -186,51 +186,28 @@ def check_prompts(s, pool, heldout, parts, path):
                             "(each iteration plays on its own part of the pool); add prompts or lower --iters")
 
 
-def start(s, harmless):
-    """Every input checked before the run folder is touched, so a bad start costs nothing and
-    leaves the folder as it was: the flags, the memory plan (always on CUDA), the model's files,
-    the prompt files. -> (pi_0's folder, tokenizer, the iterations' prompts, held-out prompts, run folder)."""
-    check_flags(s)
-    s.device, s.devices = parallel.setup(s.device, s.devices)  # torchrun: join the ranks, pick this one's devices
-    base_dir = Path(s.model) if s.model else convert.embedded_model_dir()
+def check_plan(s, base_dir):
+    """The memory plan, printed, for --plan, --devices and any CUDA device (always checked there:
+    a run that cannot fit is refused before it loads anything). --plan ends the command here:
+    exit 0 when it fits, else the table and one error line naming what to lower."""
     devices = s.devices.split(",") if s.devices else [str(pipeline.device_of(s))]
     cuda = any(torch.device(d).type == "cuda" for d in devices)
-    if s.plan or s.devices or cuda:
-        _, rows = pipeline.run_plan(s, base_dir)
-        fits = pipeline.print_plan(rows, errors=False)
-        each = lora.merged_bytes(base_dir, None if s.merged_dtype == "auto" else getattr(torch, s.merged_dtype))
-        print(f"disk: each merged pi_(t+1) {report.size(each)} (--merged-dtype {s.merged_dtype}), {s.iters} iterations "
-              f"{report.size(s.iters * each)} under {Path(s.runs_dir) / s.name} (adapters and JSONL files: a few MB more)")
-        if s.plan and not fits:  # the table above, then one line naming what to lower
-            raise FlagError("; ".join(pipeline.plan_problems(rows)))
-        if s.plan:
-            sys.exit(0)
-        if not fits and cuda:
-            raise runs.RunError(pipeline.plan_problems(rows)[0] + " (the plan above; --plan prints it alone)")
+    if not (s.plan or s.devices or cuda):
+        return
+    _, rows = pipeline.run_plan(s, base_dir)
+    fits = pipeline.print_plan(rows, errors=False)
+    each = lora.merged_bytes(base_dir, None if s.merged_dtype == "auto" else getattr(torch, s.merged_dtype))
+    print(f"disk: each merged pi_(t+1) {report.size(each)} (--merged-dtype {s.merged_dtype}), {s.iters} iterations "
+          f"{report.size(s.iters * each)} under {Path(s.runs_dir) / s.name} (adapters and JSONL files: a few MB more)")
+    if s.plan and not fits:  # the table above, then one line naming what to lower
+        raise FlagError("; ".join(pipeline.plan_problems(rows)))
+    if s.plan:
+        sys.exit(0)
+    if not fits and cuda:
+        raise runs.RunError(pipeline.plan_problems(rows)[0] + " (the plan above; --plan prints it alone)")
+
+
+def check_model(base_dir):
+    """config.json's fields and every shard's header, before a run loads anything (ModelError)."""
     M.Config.from_hf(base_dir)
     loader.check_headers(base_dir)
-    tok = data.Tokenizer.from_dir(base_dir)
-    pool, stats = data.load_prompts(s.prompts)
-    heldout, _ = data.load_prompts(s.heldout)
-    heldout = heldout[:s.eval_prompts] if s.eval_prompts else heldout
-    pool, stats["too_long"] = data.fit_prompts(pool, tok, s.max_prompt_len, s.long_prompts)
-    heldout, long_heldout = data.fit_prompts(heldout, tok, s.max_prompt_len, s.long_prompts)
-    parts = data.split_prompts(pool, s.iters, s.prompts_per_iter, s.seed)
-    check_prompts(s, pool, heldout, parts, s.prompts)
-    run_dir = Path(s.runs_dir) / s.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    # one run at a time in a folder, before anything in it is written or cleaned. With torchrun rank 0
-    # holds the lock for the whole launch (only it writes) and tells the others, so that a refused
-    # launch stops on every rank instead of leaving them waiting for rank 0 in a collective
-    refused = parallel.share(runs.lock_run_folder(run_dir) if parallel.is_main() else None)
-    if refused:
-        raise runs.RunError(refused)
-    runs.check_settings(s, run_dir, harmless)
-    if parallel.is_main():  # with torchrun only rank 0 writes, so only it cleans
-        runs.remove_leftovers(run_dir)
-    print(f"sppo: model {base_dir}, {len(pool)} prompts ({stats}), {s.iters} iterations x {len(parts[0])} prompts, "
-          f"K={s.k}, judge {s.judge}, loss {s.loss}; run folder {run_dir}")
-    if stats["too_long"] or long_heldout:
-        print(f"  prompts longer than --max-prompt-len {s.max_prompt_len}: {stats['too_long']} training, "
-              f"{long_heldout} held-out ({'truncated' if s.long_prompts == 'truncate' else 'skipped'})")
-    return base_dir, tok, parts, heldout, run_dir

@@ -130,6 +130,22 @@ def unlock_run_folder():
         os.close(fd)  # closing the last descriptor drops the flock
 
 
+def open_run_folder(run_dir, s, harmless):
+    """The run folder, made if new, for this run alone: locked (one run at a time in a folder,
+    before anything in it is written or cleaned), its settings checked against those it was made
+    with, a killed process's leftovers removed. With torchrun rank 0 holds the lock for the whole
+    launch (only it writes) and tells the others, so that a refused launch stops on every rank
+    instead of leaving them waiting for rank 0 in a collective."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    refused = parallel.share(lock_run_folder(run_dir) if parallel.is_main() else None)
+    if refused:
+        raise RunError(refused)
+    check_settings(s, run_dir, harmless)
+    if parallel.is_main():  # with torchrun only rank 0 writes, so only it cleans
+        remove_leftovers(run_dir)
+    return run_dir
+
+
 def check_settings(s, run, harmless):
     """Refuse to mix artifacts made with different settings in one run folder. harmless: the
     settings that change no artifact (a run may be resumed with other values)."""
