@@ -41,12 +41,13 @@ def sample(rows, k, cache):
     index, so a resumed or extended run samples what an uninterrupted one would)."""
     import torch
 
+    import convert
     import model as M
     done = {r["id"]: r["responses"] for r in data.read_jsonl_tolerant(cache)} if cache.exists() else {}
     batches = [rows[i:i + BATCH] for i in range(0, len(rows), BATCH)]
     todo = [c for c, b in enumerate(batches) if not all(r["id"] in done for r in b)]
     if todo:
-        path = M.embedded_model_dir()
+        path = convert.embedded_model_dir()
         tok, policy = data.Tokenizer.from_dir(path), M.load_model(path, torch.float32, "cpu")
     for n, c in enumerate(todo):
         ids = [tok.encode_chat([{"role": "user", "content": r["prompt"]}]) for r in batches[c] for _ in range(k)]
