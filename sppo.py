@@ -60,7 +60,8 @@ class Settings:
     runs_dir: str = opt(str(HERE / "runs"), "folder holding the runs")
     iters: int = opt(3, "SPPO iterations; the pool is split into this many disjoint parts, one per iteration")
     prompts_per_iter: int = opt(96, "prompts used per iteration (from its part of the pool); 0 = the whole part")
-    eval_prompts: int = opt(100, "held-out prompts used for evaluation; 0 = all")
+    eval_prompts: int = opt(100, "the first N held-out prompts used for evaluation (make iterate: 100 of the embedded 330, "
+                             "for speed; make compare: all); 0 = all")
     seed: int = opt(0, "seed for the prompt split, LoRA init and data order")
     # 1. generation (the paper: K=5, temperature 0.7, top-p 0.9)
     k: int = opt(5, "responses sampled per prompt (K)")

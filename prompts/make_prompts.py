@@ -18,7 +18,7 @@ import os
 import random
 
 SEED = 2405_00675
-N_TRAIN, N_HELDOUT = 320, 110
+N_TRAIN, N_HELDOUT = 320, 330
 HELDOUT_FRACTION = 0.25
 LENGTH_SHARE = 0.6  # prompts with a length bound
 UPPER_BOUNDS, LOWER_BOUNDS = ("max_words", "max_sentences"), ("min_words", "min_sentences")
