@@ -211,8 +211,9 @@ def start(s, harmless):
     run_dir = Path(s.runs_dir) / s.name
     run_dir.mkdir(parents=True, exist_ok=True)
     runs.check_settings(s, run_dir, harmless)
-    if parallel.is_main():  # with torchrun only rank 0 writes, so only it cleans
+    if parallel.is_main():  # with torchrun only rank 0 writes, so only it cleans and records
         runs.remove_leftovers(run_dir)
+        runs.record_provenance(run_dir, Path(__file__).resolve().parent, devices)
     print(f"sppo: model {base_dir}, {len(pool)} prompts ({stats}), {s.iters} iterations x {len(parts[0])} prompts, "
           f"K={s.k}, judge {s.judge}, loss {s.loss}; run folder {run_dir}")
     if stats["too_long"] or long_heldout:
