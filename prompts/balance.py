@@ -10,7 +10,7 @@ it sees: if the longest sample beats the shortest on average, self-play teaches 
 Prints (each mean over prompts with its 95% half-width):
   longest - shortest   satisfaction of a prompt's longest sample minus that of its shortest
   corr                 within-prompt correlation of length (words) and satisfaction
-  chosen - rejected    words of the pair SPPO would train on (data.build_pair on the judge's P)
+  chosen - rejected    words of the pair SPPO would train on (sppo.build_pair on the judge's P)
   per check kind       the same longest - shortest difference on that kind alone, and how
                        often samples meet it (calibration: met sometimes, not always)
 Samples are cached in runs/balance/ (one file per prompt file's content, appended per batch),
@@ -29,7 +29,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
+import files  # noqa: E402
 import judge  # noqa: E402
+import sppo  # noqa: E402
 import stats  # noqa: E402
 
 # as `make iterate` samples (sppo.Settings' defaults)
@@ -43,7 +45,7 @@ def sample(rows, k, cache):
 
     import convert
     import model as M
-    done = {r["id"]: r["responses"] for r in data.read_jsonl_tolerant(cache)} if cache.exists() else {}
+    done = {r["id"]: r["responses"] for r in files.read_jsonl_tolerant(cache)} if cache.exists() else {}
     batches = [rows[i:i + BATCH] for i in range(0, len(rows), BATCH)]
     todo = [c for c, b in enumerate(batches) if not all(r["id"] in done for r in b)]
     if todo:
@@ -54,7 +56,7 @@ def sample(rows, k, cache):
         out = M.generate(policy, ids, MAX_NEW_TOKENS, TEMPERATURE, TOP_P, 0, tok.stop_ids, seed=c, pad_id=tok.pad_id)
         text = [tok.decode([t for t in o if t not in tok.stop_ids]) for o in out]
         lines = [{"id": r["id"], "responses": text[i * k:(i + 1) * k]} for i, r in enumerate(batches[c])]
-        data.append_jsonl(cache, lines)
+        files.append_jsonl(cache, lines)
         done.update({x["id"]: x["responses"] for x in lines})
         print(f"  batch {n + 1}/{len(todo)} sampled", file=sys.stderr, flush=True)
     return [done[r["id"]] for r in rows]
@@ -68,7 +70,7 @@ def measure(rows, answers):
     gap = []
     for ln, a, r in zip(lengths, answers, rows):
         P = judge.VerifiableJudge()([r["prompt"]], [a], [r])[0]
-        pair = data.build_pair(P)
+        pair = sppo.build_pair(P)
         if pair:
             gap.append(ln[pair["chosen_idx"]] - ln[pair["rejected_idx"]])
     out["chosen_minus_rejected_words"] = stats.mean_ci(gap) if gap else (float("nan"),) * 2
