@@ -24,11 +24,19 @@ test: $(VENV_STAMP)
 test-avx2: $(VENV_STAMP)
 	ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 $(PY) -m pytest -q -rs tests
 
-# The paper's comparison: the loop once per loss (sppo, sppo_single, dpo, ipo) from one pi_0, then
-# runs/compare/seed<SEED>/summary.md and compare.png. Resumable like iterate.
+# The paper's comparison: the loop once per loss (sppo, sppo_single, dpo, ipo) from one pi_0, on all
+# held-out prompts, then runs/compare/seed<S>/summary.md and compare.png; for each of SEEDS
+# (comma-separated, one after another; default SEED), then runs/compare/summary.md pooled over them.
+# Resumable like iterate.
 SEED ?= 0
+SEEDS ?= $(SEED)
 compare: $(VENV_STAMP)
-	$(PY) scripts/compare.py --seed $(SEED) $(COMPARE_FLAGS)
+	$(PY) scripts/compare.py --seeds $(SEEDS) $(COMPARE_FLAGS)
+
+# docs/RESULTS.md's tables and docs/results.png from runs/compare/seed*/ (per seed, pooled, per
+# kind), naming the commit and machine of the runs; marked STALE if the code has changed since.
+results: $(VENV_STAMP)
+	$(PY) scripts/results.py $(RESULTS_FLAGS)
 
 clean-runs:
 	rm -rf runs
@@ -38,7 +46,7 @@ clean-runs:
 bench: $(VENV_STAMP)
 	$(PY) scripts/bench.py $(BENCH_FLAGS)
 
-.PHONY: venv iterate test test-avx2 compare clean-runs bench
+.PHONY: venv iterate test test-avx2 compare results clean-runs bench
 
 # Before a long run on real hardware (README, "Before a long run"): minutes that prove the cards
 # work end to end and measure what a run will cost. It uses the Python with your CUDA build of

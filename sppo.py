@@ -54,7 +54,8 @@ class Settings:
     runs_dir: str = opt(str(HERE / "runs"), "folder holding the runs")
     iters: int = opt(3, "SPPO iterations; the pool is split into this many disjoint parts, one per iteration")
     prompts_per_iter: int = opt(96, "prompts used per iteration (from its part of the pool); 0 = the whole part")
-    eval_prompts: int = opt(100, "held-out prompts used for evaluation; 0 = all")
+    eval_prompts: int = opt(100, "the first N held-out prompts used for evaluation (make iterate: 100 of the embedded 330, "
+                             "for speed; make compare: all); 0 = all")
     seed: int = opt(0, "seed for the prompt split, LoRA init and data order")
     # 1. generation (the paper: K=5, temperature 0.7, top-p 0.9)
     k: int = opt(5, "responses sampled per prompt (K)")
@@ -500,7 +501,8 @@ def run(s):
     heldout, long_heldout = data.fit_prompts(heldout, tok, s.max_prompt_len, s.long_prompts)
     parts = data.split_prompts(pool, s.iters, s.prompts_per_iter, s.seed)  # one disjoint part per iteration
     checks.check_prompts(s, pool, heldout, parts, s.prompts)
-    run_dir = runs.open_run_folder(Path(s.runs_dir) / s.name, s, Settings.HARMLESS)
+    devices = s.devices.split(",") if s.devices else [str(pipeline.device_of(s))]
+    run_dir = runs.open_run_folder(Path(s.runs_dir) / s.name, s, Settings.HARMLESS, devices)
     print(f"sppo: model {base_dir}, {len(pool)} prompts ({stats}), {s.iters} iterations x {len(parts[0])} prompts, "
           f"K={s.k}, judge {s.judge}, loss {s.loss}; run folder {run_dir}")
     if stats["too_long"] or long_heldout:

@@ -11,6 +11,7 @@ trustworthy when a run is killed, resumed, or started with a typo:
 - `lock_run_folder`: one run at a time in a folder; a second start is refused, naming the
   process that holds it. A killed run's lock goes with it (the kernel drops a flock).
 - `check_settings`: a run folder made with other settings is refused, naming the setting.
+- `record_provenance`: the commit and machine a run is made at, so results name them (results.py).
 - `remove_leftovers`: temporary files a killed process left behind are removed on resume.
 - `stage`: out of GPU memory in a stage is one line naming the flag to lower, a full disk one
   line naming the stage; `not_finite`: a NaN/inf loss stops training before it reaches the weights.
@@ -22,12 +23,16 @@ import fcntl
 import gc
 import json
 import os
+import subprocess
 import time
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from machinery import files, parallel
+from machinery import files, kernels, parallel
+
+REPO = Path(__file__).resolve().parents[1]  # the code a run is made with (provenance.json)
 
 
 class RunError(RuntimeError):
@@ -130,19 +135,21 @@ def unlock_run_folder():
         os.close(fd)  # closing the last descriptor drops the flock
 
 
-def open_run_folder(run_dir, s, harmless):
+def open_run_folder(run_dir, s, harmless, devices=()):
     """The run folder, made if new, for this run alone: locked (one run at a time in a folder,
     before anything in it is written or cleaned), its settings checked against those it was made
     with, a killed process's leftovers removed. With torchrun rank 0 holds the lock for the whole
     launch (only it writes) and tells the others, so that a refused launch stops on every rank
-    instead of leaving them waiting for rank 0 in a collective."""
+    instead of leaving them waiting for rank 0 in a collective. devices: the run's, which
+    provenance.json names with the commit and the CPU (record_provenance)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     refused = parallel.share(lock_run_folder(run_dir) if parallel.is_main() else None)
     if refused:
         raise RunError(refused)
     check_settings(s, run_dir, harmless)
-    if parallel.is_main():  # with torchrun only rank 0 writes, so only it cleans
+    if parallel.is_main():  # with torchrun only rank 0 writes, so only it cleans and records
         remove_leftovers(run_dir)
+        record_provenance(run_dir, REPO, devices)
     return run_dir
 
 
@@ -159,6 +166,45 @@ def check_settings(s, run, harmless):
                                f"use another --name or the same setting")
     if parallel.is_main():
         files.write_json(f, mine)
+
+
+def git(root, *args):
+    """git's answer in root, stripped, or None where there is no git or no repository."""
+    try:
+        r = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return r.stdout.strip() if r.returncode == 0 else None
+
+
+def provenance(root, devices=()):
+    """What a run's numbers depend on besides its settings: the code's commit (`git rev-parse
+    HEAD` in root; "unknown" outside a repository), whether tracked files differ from it ("dirty":
+    then the commit does not pin the code), and the machine: kernels.cpu_description() (the CPU's
+    kernels change the last digits of every product, so a seeded run's numbers) and the CUDA
+    cards among devices."""
+    commit = git(root, "rev-parse", "HEAD")
+    out = {"commit": commit or "unknown",
+           "dirty": bool(git(root, "status", "--porcelain", "--untracked-files=no")) if commit else None,
+           "machine": kernels.cpu_description()}
+    cards = sorted({torch.cuda.get_device_name(torch.device(d)) for d in devices if torch.device(d).type == "cuda"})
+    if cards:
+        out["gpus"] = cards
+    return out
+
+
+def record_provenance(run_dir, root, devices=()):
+    """run_dir/provenance.json: the provenance of the run's first start; a resume at another commit
+    or on another machine adds itself to "resumed" (once each), so a run made at two commits says
+    so. A resume at the same one leaves the file as it was: a killed and resumed run's artifacts
+    stay byte-identical to an uninterrupted run's."""
+    f, now = run_dir / "provenance.json", provenance(root, devices)
+    if not f.exists():
+        return files.write_json(f, now)
+    got = json.loads(f.read_text())
+    seen = [{k: v for k, v in got.items() if k != "resumed"}, *got.get("resumed", [])]
+    if now not in seen:
+        files.write_json(f, dict(got, resumed=[*got.get("resumed", []), now]))
 
 
 def remove_leftovers(run_dir):

@@ -7,6 +7,8 @@ Held-out statistics that keep length in view: a gain is a gain only at equal len
     length_controlled_gain(gains, lb, ln)   the satisfaction gain at equal length (linear model)
     length_controlled_win_rate(w, lb, ln)   the win rate at equal length (logistic model)
     length_effect(lengths, scores)          within a prompt's K samples: do longer ones score more?
+    lc_contributions(gains, lb, ln)         per-prompt terms of the gain at equal length (for pooling)
+    pooled_gain(per_seed)                   the mean over seeds of paired gains, its interval from both levels
     report(rows, base, new)                 all of the above for one pair of answer lists
 
 Every function is pure (numpy and judge's check functions only). `python -m machinery.stats RUN_DIR`
@@ -41,21 +43,27 @@ def n_words(answers):
     return np.array([len(judge.words(a)) for a in answers], dtype=float)
 
 
-def per_kind(rows, base, new):
-    """{kind: {"n", "base", "new", "gain": (mean, half-width)}} over the prompts whose checks
-    include that kind. A prompt's score for a kind is the fraction of its checks of that kind
-    met (usually one), so each prompt counts once and the gain is paired by prompt."""
+def kind_scores(rows, base, new):
+    """{kind: (indices of the rows whose checks include it, n x 2 array of base and new scores)},
+    most frequent kind first. A prompt's score for a kind is the fraction of its checks of that
+    kind met (usually one), so each prompt counts once."""
     got = {}
-    for row, a, b in zip(rows, base, new):
+    for i, (row, a, b) in enumerate(zip(rows, base, new)):
         ra, rb = judge.check_results(a, row["checks"]), judge.check_results(b, row["checks"])
         kinds = {}
         for c, x, y in zip(row["checks"], ra, rb):
             kinds.setdefault(c["type"], []).append((x, y))
         for kind, xy in kinds.items():
-            got.setdefault(kind, []).append(np.mean(xy, axis=0))
+            got.setdefault(kind, []).append((i, *np.mean(xy, axis=0)))
+    return {kind: (np.array(v)[:, 0].astype(int), np.array(v)[:, 1:])
+            for kind, v in sorted(got.items(), key=lambda kv: (-len(kv[1]), kv[0]))}
+
+
+def per_kind(rows, base, new):
+    """{kind: {"n", "base", "new", "gain": (mean, half-width)}} over the prompts whose checks
+    include that kind (kind_scores), the gain paired by prompt."""
     out = {}
-    for kind, xy in sorted(got.items(), key=lambda kv: (-len(kv[1]), kv[0])):
-        xy = np.array(xy)
+    for kind, (_, xy) in kind_scores(rows, base, new).items():
         out[kind] = {"n": len(xy), "base": float(xy[:, 0].mean()), "new": float(xy[:, 1].mean()),
                      "gain": mean_ci(xy[:, 1] - xy[:, 0])}
     return out
@@ -108,6 +116,52 @@ def length_controlled_gain(gains, len_base, len_new):
     theta = H_inv @ X.T @ g
     cov = _sandwich(X, g - X @ theta, H_inv)
     return float(theta[0]), float(Z95 * math.sqrt(cov[0, 0]))
+
+
+def lc_contributions(gains, len_base, len_new):
+    """Per-prompt terms u_i of the gain at equal length: mean(u) is length_controlled_gain's a and
+    mean_ci(u) its interval, exactly, so it pools over seeds as a plain gain does (pooled_gain).
+    u_i = a + c psi_i with psi_i = n ((X^T X)^-1 x_i r_i)[0], prompt i's influence on the fitted
+    intercept (sum psi_i = 0 at the least-squares fit; sum psi_i^2 / n^2 is the sandwich's HC0
+    variance), and c = sqrt((n - 1) / (n - 2)) turning mean_ci's 1/(n - 1) into HC1's n/(n - 2).
+    With equal lengths u is the gains themselves; where a cannot be fitted, nan."""
+    g = np.asarray(gains, dtype=float)
+    bad = _degenerate(g, len_base, len_new)
+    if bad is not None:
+        return g.copy() if np.isfinite(bad[0]) else np.full_like(g, np.nan)
+    X = np.column_stack([np.ones_like(g), length_feature(len_base, len_new)])
+    H_inv = np.linalg.inv(X.T @ X)
+    theta = H_inv @ X.T @ g
+    n = len(g)
+    psi = n * (X @ H_inv[0]) * (g - X @ theta)
+    return theta[0] + math.sqrt((n - 1) / (n - 2)) * psi
+
+
+def pooled_gain(per_seed):
+    """The mean over seeds of the per-seed paired gains, with a 95% interval that counts both
+    levels of chance: which seeds were run (prompt split, sampling, LoRA init, data order) and
+    which prompts the held-out set happens to hold.
+
+    per_seed: S x n, row s the paired differences of seed s on the same n held-out prompts in
+    the same order (every seed answers the same set). The design is crossed, not nested: a prompt
+    that is hard for one seed is hard for all, so the prompt term is taken from the per-prompt
+    means over seeds, D_i, and does not shrink with more seeds. The closed form, not a bootstrap:
+
+        Var = var_s(g_s) / S + var_i(D_i) / n        (g_s: seed s's mean; both with ddof = 1)
+
+    the variance a two-level bootstrap targets (resample seeds, then prompts, one draw of prompts
+    for every seed as they share the set). Under d_si = mu + a_s + b_i + e_si its expectation is
+    s_a^2 / S + s_b^2 / n + 2 s_e^2 / (n S): the true variance of the mean plus s_e^2 / (n S),
+    slightly conservative (each level's spread also carries the other's noise e). With one seed
+    it is mean_ci's interval; with identical seeds the seed term is 0 and the interval is one
+    seed's. With 3 seeds the seed term rests on 2 degrees of freedom, read it as rough.
+    -> (mean, 95% half-width, {"seed": half-width of the seed term alone, "prompt": of the prompt term})."""
+    d = np.asarray(per_seed, dtype=float)
+    S, n = d.shape
+    seed_var = d.mean(axis=1).var(ddof=1) / S if S > 1 else 0.0
+    prompt_var = d.mean(axis=0).var(ddof=1) / n if n > 1 else float("nan")
+    return (float(d.mean()), float(Z95 * math.sqrt(seed_var + prompt_var)),
+            {"seed": float(Z95 * math.sqrt(seed_var)), "prompt": float(Z95 * math.sqrt(prompt_var))})
 
 
 def length_controlled_win_rate(wins, len_base, len_new, iters=50):

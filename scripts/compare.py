@@ -1,6 +1,6 @@
 """compare.py: the paper's comparison, offline: SPPO against iterative DPO and IPO in the same loop.
 
-    python scripts/compare.py [--seed S] [--arms sppo,dpo] [any sppo.py flag ...]     (make compare)
+    python scripts/compare.py [--seeds 0,1,2] [--arms sppo,dpo] [any sppo.py flag ...]     (make compare SEEDS=0,1,2)
 
 From one pi_0, one prompt split and one set of sampling seeds, sppo.py's loop runs once per loss
 (the paper's Table: SPPO, its single-response variant, iterative DPO and IPO), each an ordinary
@@ -8,7 +8,13 @@ resumable run folder runs/compare/seed<S>/<loss>; running the command again resu
 Then runs/compare/seed<S>/summary.md and compare.png: per arm and iteration, the held-out
 constraint-satisfaction gain over pi_0 and its length-controlled counterpart, the win rate
 against pi_0 (both with 95% CIs, paired by prompt), the mean answer length and an estimate of
-KL(pi_{t+1} || pi_t).
+KL(pi_{t+1} || pi_t). Every arm is evaluated on all held-out prompts (--eval-prompts 0; make
+iterate uses the first 100), so each run's interval is about half as wide.
+
+Seeds are the unit: with --seeds S1,S2,... the arms of each seed run one after another (each
+resumable), then runs/compare/summary.md gives each seed's figures and, per arm, the mean over
+seeds of the paired gains with an interval from both the seed and the prompt level
+(results.py, stats.pooled_gain); `make results` writes the same into docs/RESULTS.md.
 
 What the arms share: pi_0's held-out answers and iteration 0's samples, judgments and pairs
 (with their reference log-probs) depend on pi_0, the seeds and the judge only; the loss first
@@ -22,8 +28,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: its modules
 
-import sppo
-from machinery import files, report
+import sppo  # noqa: E402
+from machinery import files, report  # noqa: E402
+from scripts import results as pooled_results  # noqa: E402
 
 ARMS = ["sppo", "sppo_single", "dpo", "ipo"]
 SHARED = ["eval_base.jsonl", "alpaca_eval/model_outputs.json",
@@ -91,6 +98,7 @@ def plot(tables, path):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=0, help="the seed of every arm (prompt split, sampling, LoRA init)")
+    p.add_argument("--seeds", default="", help="comma-separated seeds, run one after another, then pooled (default: --seed)")
     p.add_argument("--arms", default=",".join(ARMS), help="comma-separated losses to compare")
     p.add_argument("--runs-dir", default=str(sppo.HERE / "runs" / "compare"))
     # The strengths: SPPO's tuned eta is sppo.py's default. For DPO and IPO beta = 0.1, the DPO paper's
@@ -102,17 +110,39 @@ def main(argv=None):
     if not arms or not set(arms) <= set(ARMS):
         print(f"error: --arms must be a comma-separated subset of {','.join(ARMS)}, got {args.arms!r}", file=sys.stderr)
         return 2
-    out = Path(args.runs_dir) / f"seed{args.seed}"
+    try:
+        seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
+    except ValueError:
+        print(f"error: --seeds must be comma-separated integers, got {args.seeds!r}", file=sys.stderr)
+        return 2
+    for seed in seeds:
+        if run_seed(args, arms, seed, rest):
+            return 2
+    try:  # the pooled summary: every seed just run, pooled per arm
+        got, unfinished = pooled_results.collect(args.runs_dir, set(seeds))
+        files.write_text(Path(args.runs_dir) / "summary.md", text := pooled_results.section(got, unfinished, sppo.HERE))
+    except (OSError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(text)
+    return 0
+
+
+def run_seed(args, arms, seed, rest):
+    """Every arm of one seed, then runs/compare/seed<S>/summary.md and compare.png; -> 2 when an arm
+    stopped (it said why), else 0."""
+    out = Path(args.runs_dir) / f"seed{seed}"
     tables = {}
     for arm in arms:
         if arm != arms[0]:
             share(out / arms[0], out / arm)
-        print(f"=== compare: {arm} (seed {args.seed}) ===")
+        print(f"=== compare: {arm} (seed {seed}) ===")
         strength = ["--eta", str(args.eta)] if arm.startswith("sppo") else ["--beta", str(args.beta)]
         # each arm in its own process, exactly the command a user would type: one process running
         # four loops keeps their freed memory (measured: 8 GB resident after two and a half arms)
-        r = subprocess.run([sys.executable, str(sppo.HERE / "sppo.py"), "--kl-samples", str(KL_SAMPLES), *rest, "--loss", arm,
-                            *strength, "--seed", str(args.seed), "--runs-dir", str(out), "--name", arm])
+        # all held-out prompts (a --eval-prompts in rest comes later and wins)
+        r = subprocess.run([sys.executable, str(sppo.HERE / "sppo.py"), "--kl-samples", str(KL_SAMPLES), "--eval-prompts", "0",
+                            *rest, "--loss", arm, *strength, "--seed", str(seed), "--runs-dir", str(out), "--name", arm])
         if r.returncode == 2:  # a bad input: the arm said why, in one line
             return 2
         if r.returncode:

@@ -215,3 +215,54 @@ def test_command_line_prints_each_iteration_and_bad_input_is_one_error_line(tmp_
     assert stats.main([str(tmp_path / "nowhere"), str(held)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
+
+
+# -----------------------------------------------------------------------------
+# pooled over seeds: closed-form reductions and the expectation under a known random-effects model
+
+def test_lc_contributions_average_to_the_equal_length_gain_with_its_interval():
+    rng = np.random.default_rng(5)
+    lb, ln = rng.integers(10, 60, 80), rng.integers(10, 60, 80)
+    g = 0.1 + 0.2 * np.tanh((ln - lb) / 20) + rng.normal(0, 0.3, 80)
+    u = stats.lc_contributions(g, lb, ln)
+    # the reference: HC1 by its textbook formula, n/(n-p) (X'X)^-1 X' diag(r^2) X (X'X)^-1, p = 2
+    f = stats.length_feature(lb, ln)
+    X = np.column_stack([np.ones(80), f])
+    theta = np.linalg.lstsq(X, g, rcond=None)[0]
+    r = g - X @ theta
+    B = np.linalg.inv(X.T @ X)
+    hc1 = 80 / 78 * (B @ X.T @ np.diag(r ** 2) @ X @ B)[0, 0]
+    assert stats.mean_ci(u)[0] == pytest.approx(theta[0], abs=1e-12)
+    assert stats.mean_ci(u)[1] == pytest.approx(1.96 * math.sqrt(hc1), rel=1e-9)
+    assert np.array_equal(stats.lc_contributions(g, lb, lb), g)  # equal lengths: the gains themselves
+
+
+def test_pooled_interval_with_one_seed_is_that_seeds_interval():
+    d = np.random.default_rng(0).normal(0.05, 0.4, 330)
+    mean, hw, parts = stats.pooled_gain([d])
+    assert mean == pytest.approx(d.mean()) and hw == pytest.approx(1.96 * d.std(ddof=1) / math.sqrt(330))
+    assert parts["seed"] == 0.0
+
+
+def test_identical_seeds_add_no_seed_term_and_no_precision():
+    d = np.random.default_rng(1).normal(0.05, 0.4, 200)
+    one, three = stats.pooled_gain([d]), stats.pooled_gain([d, d, d])
+    assert three[2]["seed"] == 0.0 and three[1] == pytest.approx(one[1]) and three[0] == pytest.approx(one[0])
+
+
+def test_pooled_variance_matches_its_expectation_under_a_crossed_random_effects_model():
+    """d_si = mu + a_s + b_i + e_si (seed, prompt and residual effects, sd 0.06, 0.5, 0.3): the
+    pooled variance's expectation is s_a^2/S + s_b^2/n + 2 s_e^2/(n S) in closed form, the true
+    variance of the mean (s_a^2/S + s_b^2/n + s_e^2/(nS)) plus s_e^2/(nS). A prompt term taken
+    within each seed as if prompts were nested (mean over s of var_i(d_s) / (n S)) would expect
+    s_b^2/(n S): a third of the prompt level, missed."""
+    rng = np.random.default_rng(2)
+    S, n, sa, sb, se, reps = 3, 100, 0.06, 0.5, 0.3, 4000
+    d = (rng.normal(0, sa, (reps, S, 1)) + rng.normal(0, sb, (reps, 1, n)) + rng.normal(0, se, (reps, S, n)))
+    var = np.array([(stats.pooled_gain(x)[1] / 1.96) ** 2 for x in d])
+    want = sa ** 2 / S + sb ** 2 / n + 2 * se ** 2 / (n * S)
+    assert var.mean() == pytest.approx(want, rel=0.03)
+    # and the true variance of the pooled mean, measured over the replicates, is below it by s_e^2/(nS)
+    truth = d.mean(axis=(1, 2)).var()
+    assert truth == pytest.approx(sa ** 2 / S + sb ** 2 / n + se ** 2 / (n * S), rel=0.08)
+    assert var.mean() >= truth

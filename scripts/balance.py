@@ -5,12 +5,12 @@ measures, within each prompt, whether the longer samples meet more or fewer of i
 SPPO learns only from differences between a prompt's own samples, so this is the incentive
 it sees: if the longest sample beats the shortest on average, self-play teaches length.
 
-    SPPO_CACHE=/work/main/.cache python prompts/balance.py [FILE.jsonl] [--limit N] [--k K]
+    SPPO_CACHE=/work/main/.cache python scripts/balance.py [FILE.jsonl] [--limit N] [--k K]
 
 Prints (each mean over prompts with its 95% half-width):
   longest - shortest   satisfaction of a prompt's longest sample minus that of its shortest
   corr                 within-prompt correlation of length (words) and satisfaction
-  chosen - rejected    words of the pair SPPO would train on (data.build_pair on the judge's P)
+  chosen - rejected    words of the pair SPPO would train on (sppo.build_pair on the judge's P)
   per check kind       the same longest - shortest difference on that kind alone, and how
                        often samples meet it (calibration: met sometimes, not always)
 Samples are cached in runs/balance/ (one file per prompt file's content, appended per batch),
@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import judge  # noqa: E402
-from machinery import stats  # noqa: E402
+import sppo  # noqa: E402
+from machinery import files, stats  # noqa: E402
 
 # as `make iterate` samples (sppo.Settings' defaults)
 TEMPERATURE, TOP_P, MAX_NEW_TOKENS, BATCH = 0.7, 0.9, 64, 24
@@ -44,7 +45,7 @@ def sample(rows, k, cache):
     import generate
     import model as M
     from machinery import convert, kernels
-    done = {r["id"]: r["responses"] for r in data.read_jsonl_tolerant(cache)} if cache.exists() else {}
+    done = {r["id"]: r["responses"] for r in files.read_jsonl_tolerant(cache)} if cache.exists() else {}
     batches = [rows[i:i + BATCH] for i in range(0, len(rows), BATCH)]
     todo = [c for c, b in enumerate(batches) if not all(r["id"] in done for r in b)]
     if todo:
@@ -55,7 +56,7 @@ def sample(rows, k, cache):
         out = generate.generate(policy, ids, MAX_NEW_TOKENS, TEMPERATURE, TOP_P, 0, tok.stop_ids, seed=c, pad_id=tok.pad_id)
         text = [tok.decode([t for t in o if t not in tok.stop_ids]) for o in out]
         lines = [{"id": r["id"], "responses": text[i * k:(i + 1) * k]} for i, r in enumerate(batches[c])]
-        data.append_jsonl(cache, lines)
+        files.append_jsonl(cache, lines)
         done.update({x["id"]: x["responses"] for x in lines})
         print(f"  batch {n + 1}/{len(todo)} sampled", file=sys.stderr, flush=True)
     return [done[r["id"]] for r in rows]
@@ -69,7 +70,7 @@ def measure(rows, answers):
     gap = []
     for ln, a, r in zip(lengths, answers, rows):
         P = judge.VerifiableJudge()([r["prompt"]], [a], [r])[0]
-        pair = data.build_pair(P)
+        pair = sppo.build_pair(P)
         if pair:
             gap.append(ln[pair["chosen_idx"]] - ln[pair["rejected_idx"]])
     out["chosen_minus_rejected_words"] = stats.mean_ci(gap) if gap else (float("nan"),) * 2

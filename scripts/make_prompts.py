@@ -3,7 +3,7 @@ Builds prompts/train.jsonl and prompts/heldout.jsonl: everyday instructions, eac
 with 1-3 machine-checkable constraints stated in the text and stored in "checks"
 (checked by judge.py). Deterministic: same seed, same files.
 
-    python prompts/make_prompts.py
+    python scripts/make_prompts.py
 
 Topics, paragraphs and questions are split between train and heldout before any
 prompt is built, so no held-out instruction is about anything seen in training.
@@ -18,7 +18,7 @@ import os
 import random
 
 SEED = 2405_00675
-N_TRAIN, N_HELDOUT = 320, 110
+N_TRAIN, N_HELDOUT = 320, 330
 HELDOUT_FRACTION = 0.25
 LENGTH_SHARE = 0.6  # prompts with a length bound
 UPPER_BOUNDS, LOWER_BOUNDS = ("max_words", "max_sentences"), ("min_words", "min_sentences")
@@ -445,7 +445,7 @@ def build(seed=SEED):
 
 
 def main():
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "prompts")
     for name, rows in build().items():
         with open(os.path.join(here, f"{name}.jsonl"), "w") as f:
             for r in rows:
