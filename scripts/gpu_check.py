@@ -505,7 +505,7 @@ def step_judge(c: Check):
     and the peak memory of ours."""
     import numpy as np
     import torch
-    import bench
+    from scripts import bench
     import judge
     import llm_blender
     from llm_blender.blender.config import BlenderConfig

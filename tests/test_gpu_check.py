@@ -151,7 +151,7 @@ def test_mem_cap_caps_each_card_at_that_fraction_and_is_refused_without_cuda(mon
     G.apply_mem_cap(G.Check(cards=["cuda:0", "cuda:1"], split="cuda:0,cuda:1", mem_cap=24))
     assert calls == [("cuda:0", 24 / 140), ("cuda:1", 24 / 140)]
     assert G.Check(cards=["cuda:0"], split="cuda:0", mem_cap=24).caps(["cuda:0", "cuda:0"]) == [24 * GIB] * 2
-    r = subprocess.run([sys.executable, str(ROOT / "gpu_check.py"), "--device", "cpu", "--mem-cap", "24"], cwd=ROOT,
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--device", "cpu", "--mem-cap", "24"], cwd=ROOT,
                        env=no_cuda_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and r.stderr.startswith("error: --mem-cap 24: "), r.stderr
