@@ -59,14 +59,9 @@ def autocast(dev, on=None):
     return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda" if on is None else on)
 
 
-def devices_of(s):
-    """The run's devices: --devices, or its one device."""
-    return s.devices.split(",") if s.devices else [str(device_of(s))]
-
-
 def run_plan(s, path):
     """(split bounds, per-device rows) for a run's flags: --devices, or its one device as one stage."""
-    devices = devices_of(s)
+    devices = s.devices.split(",") if s.devices else [str(device_of(s))]
     gib = s.device_mem or CARDS.get(s.card, 0)
     caps = [gib * GiB] * len(devices) if gib else None
     return plan(M.Config.from_hf(path), devices, workload(s, torch.finfo(compute_dtype(device_of(s))).bits // 8), caps)

@@ -501,7 +501,7 @@ def run(s):
     heldout, long_heldout = data.fit_prompts(heldout, tok, s.max_prompt_len, s.long_prompts)
     parts = data.split_prompts(pool, s.iters, s.prompts_per_iter, s.seed)  # one disjoint part per iteration
     checks.check_prompts(s, pool, heldout, parts, s.prompts)
-    devices = pipeline.devices_of(s)
+    devices = s.devices.split(",") if s.devices else [str(pipeline.device_of(s))]
     run_dir = runs.open_run_folder(Path(s.runs_dir) / s.name, s, Settings.HARMLESS, devices)
     print(f"sppo: model {base_dir}, {len(pool)} prompts ({stats}), {s.iters} iterations x {len(parts[0])} prompts, "
           f"K={s.k}, judge {s.judge}, loss {s.loss}; run folder {run_dir}")

@@ -149,7 +149,7 @@ def check_devices(s):
 def check_nf4_compute(s):
     """--nf4-compute bfloat16 on a CPU needs oneDNN's bf16 products (AVX512-BF16 or AMX): without
     them only a generic path would run, many times slower than float32 for no gain."""
-    devices = pipeline.devices_of(s)
+    devices = s.devices.split(",") if s.devices else [str(pipeline.device_of(s))]
     if (s.nf4_compute == "bfloat16" and any(torch.device(d).type == "cpu" for d in devices)
             and "product" not in kernels.paths(torch.bfloat16)):
         raise FlagError(f"--nf4-compute bfloat16: this CPU has no native bf16 products (oneDNN needs AVX512-BF16 "
@@ -190,7 +190,7 @@ def check_plan(s, base_dir):
     """The memory plan, printed, for --plan, --devices and any CUDA device (always checked there:
     a run that cannot fit is refused before it loads anything). --plan ends the command here:
     exit 0 when it fits, else the table and one error line naming what to lower."""
-    devices = pipeline.devices_of(s)
+    devices = s.devices.split(",") if s.devices else [str(pipeline.device_of(s))]
     cuda = any(torch.device(d).type == "cuda" for d in devices)
     if not (s.plan or s.devices or cuda):
         return
